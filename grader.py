@@ -1,0 +1,398 @@
+r"""Math answer grading: every RL reward in this project is grade(response, gold).
+
+    extract_answer(response) -> str | None   content of the last \boxed{...} of a response
+    is_equiv(pred, gold) -> bool             are two final answers the same?
+    grade(response, gold) -> float           1.0 or 0.0
+
+is_equiv tries the cheapest test first, in the numbered sections below (1. normalize, 2. plain
+numbers, 3. tuples, intervals and lists of solutions, 4. sympy, run in a helper subprocess under
+a time limit); most answers never reach sympy. Choices:
+  * numbers compare exactly (1000 != 1001), with a relative tolerance (REL_TOL) only when a
+    decimal point was written (0.5 == 1/2, but 0.333 != 1/3); "1,000" is one thousand;
+  * the % sign is dropped: 50\% == 50, but != 0.5 (0.5 does not answer "what percent?");
+  * "x = 5" == "5"; equations match when one is a nonzero multiple of the other (y = 2x + 1 and
+    2x - y + 1 = 0); text answers and multiple-choice letters compare case-insensitively;
+  * no fallback to "the last number in the response": a lenient extractor is a reward hack;
+  * nothing raises and nothing hangs: malformed input is simply wrong.
+"""
+import atexit
+import cmath
+import json
+import os
+import random
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+
+SYMPY_TIMEOUT_S = 1.0     # sympy time allowed for one is_equiv call, all its comparisons together
+STARTUP_TIMEOUT_S = 60.0  # one-off start of the sympy helper (importing sympy); not counted above
+REL_TOL = 1e-6            # relative tolerance when an answer is a (possibly rounded) decimal
+MAX_ANSWER_CHARS = 1000   # longer answers must match exactly: no real answer is this long
+MAX_SYMPY_CHARS = 300     # longer expressions are never sent to sympy
+
+_BOX = re.compile(r"\\(?:boxed|fbox|framebox)(?![a-zA-Z])")
+
+def _closing(s, i, opening="{", closing="}"):
+    """Index of the bracket closing the one at s[i], or None. Escaped characters (\\{) are skipped."""
+    depth = 0
+    while i < len(s):
+        if s[i] == "\\":
+            i += 2
+            continue
+        depth += (s[i] in opening) - (s[i] in closing)
+        if depth == 0:
+            return i
+        i += 1
+    return None
+
+def extract_answer(response: str) -> str | None:
+    r"""Content of the last \boxed{...} (or \fbox, \framebox), nested braces matched; `\boxed 5`
+    takes the text up to the next `$` or space. None if there is no box or it never closes."""
+    boxes = list(_BOX.finditer(response)) if isinstance(response, str) else []
+    if not boxes:
+        return None
+    rest = response[boxes[-1].end():].lstrip()
+    if not rest.startswith("{"):
+        return re.match(r"[^\s$]*", rest).group(0) or None
+    end = _closing(rest, 0)
+    return None if end is None else rest[1:end].strip()
+
+
+# ------------------------------------------------------------------------ 1. normalization
+_REWRITES = [(re.compile(pattern), repl) for pattern, repl in [
+    (r"\\[dt]frac", r"\\frac"),                                   # display variants of \frac
+    (r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])", ""),  # delimiter sizing
+    (r"(?<!\\)\\[,!:; ]|\\q?quad(?![a-zA-Z])|\\displaystyle|~", ""),  # spacing (\\ is a row break)
+    (r"\{,\}", ","),                                              # 32{,}348
+    (r"\\?\$|\\?%", ""),                                          # math mode, dollars, percent
+    (r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", ""), # degrees
+    (r"\\(?:text|mbox)\{\s*(?:and|or)\s*\}", ","),                # "1 \text{ or } 2" is a list
+    # a word in \text{} right after a number is a unit: 5\text{ cm}, 864\mbox{ inches}^2
+    (r"(?<=[\d}).])\s*\\(?:text|mbox)\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?", ""),
+    (r"\\mp(?![a-zA-Z])", r"\\pm"),
+    (r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)\s*\\in(?![a-zA-Z])", ""),     # "x \in [1, 2]"
+]]
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|mathit|boldsymbol|operatorname)\s*\{")
+
+def _normalize(s):
+    """Rewrite an answer into a canonical string, with regexes only (cheap)."""
+    for pattern, repl in _REWRITES:
+        s = pattern.sub(repl, s)
+    while (m := _WRAPPER.search(s)) and (end := _closing(s, m.end() - 1)):
+        s = s[:m.start()] + s[m.end():end] + s[end + 1:]  # \text{(B)} -> (B): keep the content
+    # Spaces only matter between two letters (\cot x, New York); drop all others.
+    s = re.sub(r"(?<![a-zA-Z]) | (?![a-zA-Z])", "", re.sub(r"\s+", " ", s).strip())
+    # Brace one-character arguments: \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}, x^2 -> x^{2}.
+    s = re.sub(r"(\\frac|\\sqrt|\^|_)([0-9a-zA-Z])", r"\1{\2}", s)
+    s = re.sub(r"(\\frac\{[^{}]*\})([0-9a-zA-Z])", r"\1{\2}", s).rstrip(".")
+    if re.fullmatch(r"(?:[a-z]=)?-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands separators: 10,080
+        s = s.replace(",", "")
+    return s
+
+
+# ------------------------------------------------------------------------ 2. plain numbers
+def _to_number(s):
+    """(value, exact) for 12, -0.5, .35, 3/4, \\frac{3}{4}, 2\\frac{1}{2}, 1e3, where exact is False
+    when a decimal point was written (it may be rounded); None if not a plain number."""
+    if mixed := re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{([1-9]\d*)\}", s):  # 2\frac{1}{2} is 5/2
+        return (-1 if mixed[1] else 1) * (int(mixed[2]) + Fraction(int(mixed[3]), int(mixed[4]))), True
+    s = re.sub(r"\\frac\{(\d+)\}\{(\d+)\}", r"\1/\2", s)
+    if re.fullmatch(r"-?(?:\d+/[1-9]\d*|(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d{1,4})?)", s):
+        return Fraction(s), "." not in s
+    return None
+
+
+# ------------------------------------------------------------------------ 3. structure
+_MATRIX = re.compile(r"\\begin\{[pbvBV]?matrix\}(.*)\\end\{[pbvBV]?matrix\}", re.S)
+_VAR = re.compile(r"[a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+")  # x, a_{1}, \theta
+_PM = re.compile(r"\\pm(?![a-zA-Z])")
+
+def _split_top(s, sep):
+    """Split s at each `sep` that is not inside (), [] or {}."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        depth += (s[i] in "([{") - (s[i] in ")]}")
+        if depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            i = start = i + len(sep)
+        else:
+            i += 1
+    return parts + [s[start:]]
+
+def _enclosed(s):  # (1,2] is enclosed by its first bracket, (1)(2) is not
+    return s[:1] in ("(", "[") and s[-1:] in (")", "]") and _closing(s, 0, "([", ")]") == len(s) - 1
+
+def _structure(s):
+    """("atom", s), ("set", items) for unordered lists of solutions and unions, or
+    ("tuple", brackets, items) for ordered points, intervals, vectors and matrices."""
+    while s[:1] == "(" and _enclosed(s) and len(_split_top(s[1:-1], ",")) == 1:
+        s = s[1:-1]  # (113) and (B) are just parenthesized
+    if m := _MATRIX.fullmatch(s):
+        rows = [_split_top(r, "&") for r in _split_top(m[1], "\\\\") if r]
+        if len(rows) == 1 or all(len(r) == 1 for r in rows):  # a vector is the tuple (a, b, c)
+            return ("tuple", "()", [x for r in rows for x in r])
+        return ("tuple", "matrix", ["(" + ",".join(r) + ")" for r in rows])
+    if len(parts := _split_top(s, "\\cup")) > 1:
+        return ("set", parts)
+    if s.startswith("\\{") and s.endswith("\\}"):
+        s = s[2:-2]  # {1, 2}: a set, same as the bare list below
+    elif _enclosed(s):
+        return ("tuple", s[0] + s[-1], _split_top(s[1:-1], ","))
+    items = []
+    for x in _split_top(s, ","):  # a \pm b stands for the two answers a + b and a - b
+        items += [_PM.sub(sign, x) for sign in "+-"] if len(_PM.findall(x)) == 1 else [x]
+    return ("set", items) if len(items) > 1 else ("atom", s)
+
+def _equal(a, b, depth, budget):
+    """Compare two normalized answers; budget[0] holds the sympy seconds still allowed."""
+    if a == b:
+        return True
+    if depth > 8 or not a or not b:
+        return False
+    ea, eb = (p if len(p := _split_top(x, "=")) == 2 else None for x in (a, b))
+    if ea and eb and not (ea[0] == eb[0] and _VAR.fullmatch(ea[0])):
+        # Two equations (lines, planes): equal when their lhs - rhs are nonzero multiples.
+        sides = [_to_python(x) for x in (*ea, *eb)]
+        return None not in sides and _HELPER.ask(
+            [f"({sides[0]})-({sides[1]})", f"({sides[2]})-({sides[3]})", "eq"], budget)
+    # Drop a leading variable: "x = 5" answers "5", and y = 2x+1 vs y = 1+2x compares 2x+1, 1+2x.
+    a, b = (e[1] if e and _VAR.fullmatch(e[0]) else x for x, e in ((a, ea), (b, eb)))
+    sa, sb = _structure(a), _structure(b)
+    kinds = (sa[0], sb[0])
+    if kinds == ("atom", "atom"):
+        return _atoms_equal(sa[1], sb[1], budget)
+    if kinds == ("set", "set"):  # unordered; greedy matching is exact since equality is transitive
+        unmatched = list(sb[1]) if len(sa[1]) == len(sb[1]) <= 20 else []
+        for x in sa[1]:
+            match = next((y for y in unmatched if _equal(x, y, depth + 1, budget)), None)
+            if match is None:
+                return False
+            unmatched.remove(match)
+        return True
+    if kinds != ("tuple", "tuple") or sa[1] != sb[1]:
+        return False  # an ordered pair is not a list of solutions, and [1,2) != (1,2)
+    xs, ys = sa[-1], sb[-1]
+    return len(xs) == len(ys) and all(_equal(x, y, depth + 1, budget) for x, y in zip(xs, ys))
+
+def _atoms_equal(a, b, budget):
+    if a == b:
+        return True
+    if re.fullmatch(r"[A-Za-z ]+", a) and re.fullmatch(r"[A-Za-z ]+", b):
+        return a.casefold() == b.casefold()  # text answers and choice letters
+    if (x := _to_number(a)) and (y := _to_number(b)):
+        (u, exact_u), (v, exact_v) = x, y
+        if (exact_u and exact_v) or u.denominator == v.denominator == 1:
+            return u == v  # never round integers together: 1000 != 1001
+        return abs(u - v) <= REL_TOL * max(abs(u), abs(v))
+    pa, pb = _to_python(a), _to_python(b)
+    return pa is not None and pb is not None and _HELPER.ask([pa, pb, "expr"], budget)
+
+
+# ------------------------------------------------------------------------ 4. LaTeX -> sympy
+_TOKENS = re.compile(r"\\[a-zA-Z]+|\d+(?:\.\d*)?|\.\d+|[a-zA-Z](?:_\{\w+\})?|\S", re.ASCII)
+_FUNCS = {**{f: f for f in ["sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sinh", "cosh"]},
+          "arcsin": "asin", "arccos": "acos", "arctan": "atan", "ln": "log"}
+_NAMES = {"\\pi": "pi", "\\infty": "oo", "i": "I", "e": "E"}  # i, e: imaginary unit, Euler's e
+_OPS = {"+": "+", "-": "-", "*": "*", "/": "/", "\\cdot": "*", "\\times": "*", "\\div": "/"}
+
+def _to_python(latex):
+    """sympy's Python syntax for a LaTeX expression, or None outside a small subset. The output
+    holds only numbers, Symbol('x'), whitelisted names, operators and parentheses: safe to eval."""
+    if len(latex) > MAX_SYMPY_CHARS or re.search(r"\d_", latex):  # 52_{8} is base 8, not 52
+        return None
+    tokens = _TOKENS.findall(latex)[::-1]  # reversed: tokens.pop() takes the next one
+    try:
+        out = _expression(tokens)
+    except (ValueError, IndexError, RecursionError):
+        return None
+    return out if out and not tokens else None
+
+def _expression(tokens, closer=None):
+    """Convert tokens up to `closer` (consumed); juxtaposed operands multiply: 2x, (a)(b)."""
+    out, after_operand = [], False
+    while tokens and tokens[-1] != closer:
+        if tokens[-1] in _OPS:
+            out.append(_OPS[tokens.pop()])
+            after_operand = False
+        elif tokens[-1] == "^":
+            tokens.pop()
+            exponent = _operand(tokens)
+            if "**" in exponent or re.search(r"\d{5}", exponent):
+                raise ValueError("power tower or huge exponent")  # 9^{9^{9}} would never finish
+            out.append("**" + exponent)
+        else:
+            out += ["*", _operand(tokens)] if after_operand else [_operand(tokens)]
+            after_operand = True
+    if closer and tokens.pop() != closer:
+        raise ValueError("unbalanced")
+    return "".join(out)
+
+def _operand(tokens):
+    """Convert one operand: a number, letter, {group}, (group) or command such as \\frac{a}{b}."""
+    t = tokens.pop()
+    if t[0] in "0123456789.":
+        return t
+    if t in ("{", "("):
+        return "(" + _expression(tokens, "}" if t == "{" else ")") + ")"
+    if t == "\\frac":
+        return f"({_operand(tokens)})/({_operand(tokens)})"
+    if t == "\\sqrt" and tokens[-1] == "[":  # \sqrt[3]{x}
+        tokens.pop()
+        index = _expression(tokens, "]")
+        return f"root({_operand(tokens)},{index})"
+    if t == "\\sqrt" or t[1:] in _FUNCS:  # \sqrt{2}, \sin x, \cos(2x)
+        return f"{_FUNCS.get(t[1:], 'sqrt')}({_operand(tokens)})"
+    if t in _NAMES:
+        return _NAMES[t]
+    if re.fullmatch(r"[a-zA-Z].*", t):  # a letter, maybe with a subscript: x, a_{1}
+        return "Symbol('%s')" % re.sub(r"[{}]", "", t)
+    raise ValueError(f"unsupported token {t!r}")
+
+
+# ------------------------------------------------------------------------ sympy helper process
+class _SympyHelper:
+    """A persistent `python grader.py --sympy-worker` subprocess that does all sympy work.
+    sympy can run for unbounded time on adversarial answers, and Python cannot interrupt a
+    computation from another thread (signal.alarm works only in the main thread), but a process
+    can always be killed. The helper starts lazily, is reused (importing sympy takes a second),
+    is killed on timeout and restarts on the next request. Popen is fork+exec, unlike fork-based
+    multiprocessing, so it is safe next to vLLM/CUDA threads. A lock serializes the callers."""
+
+    def __init__(self):
+        self._lock, self._proc = threading.Lock(), None
+
+    def ask(self, request, budget):
+        """Send [a, b, mode]; True if the helper answers "equal" within budget[0] seconds."""
+        if budget[0] <= 0:
+            return False
+        with self._lock:
+            try:
+                if self._proc is None:
+                    command = [sys.executable, os.path.abspath(__file__), "--sympy-worker"]
+                    self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    if self._read_line(STARTUP_TIMEOUT_S) != b"ready":
+                        raise OSError("the sympy helper did not start")
+                start = time.monotonic()
+                self._proc.stdin.write(json.dumps(request).encode() + b"\n")
+                self._proc.stdin.flush()
+                reply = self._read_line(budget[0])
+                budget[0] -= time.monotonic() - start
+            except OSError:
+                reply = b""
+            if not reply:  # timed out or died: kill it now so that nothing keeps running
+                self.stop()
+            return reply == b"1"
+
+    def _read_line(self, timeout):
+        """The helper's next line, or b"" if none comes in `timeout` seconds. Replies are short
+        lines written at once: when select() sees data, readline() cannot block."""
+        if select.select([self._proc.stdout], [], [], max(timeout, 0))[0]:
+            return self._proc.stdout.readline().strip()
+        return b""
+
+    def stop(self):
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.communicate()  # closes the pipes and reaps it: no zombie is left behind
+
+_HELPER = _SympyHelper()
+atexit.register(_HELPER.stop)
+
+def _serve_sympy():
+    """The helper's loop: read [a, b, mode] JSON lines, answer "1" (equal) or "0" to each."""
+    import sympy
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations
+    names = {"__builtins__": {}, **{n: getattr(sympy, n) for n in [
+        "Integer", "Float", "Rational", "Symbol", "sqrt", "root", *_NAMES.values(), *_FUNCS.values()]}}
+    print("ready", flush=True)
+    for line in sys.stdin:  # ends when the parent closes the pipe, or exits
+        try:
+            a, b, mode = json.loads(line)
+            a, b = (parse_expr(x, global_dict=dict(names), transformations=standard_transformations)
+                    for x in (a, b))
+            ok = _same_value(a, b, mode == "eq", sympy)
+        except Exception:  # noqa: BLE001 - any failure means "not shown equal"
+            ok = False
+        print("1" if ok else "0", flush=True)
+
+def _same_value(a, b, proportional, sympy):
+    """In the helper: a == b, or for equations (lhs - rhs) a == c * b with c != 0?  Decided at random
+    points, not by simplify() whose running time is unbounded: a chance agreement is negligible."""
+    if a.has(sympy.zoo, sympy.nan) or b.has(sympy.zoo, sympy.nan):
+        return False  # 1/0 is no answer
+    exact = not (a.has(sympy.Float) or b.has(sympy.Float))  # no decimals written: compare strictly
+    if not proportional and (a == b or (exact and a.is_Rational and b.is_Rational)):
+        return a == b  # a == b also covers oo; exact numbers: 10^{7} + 1 != 10^{7}
+    symbols, rng, values = sorted(a.free_symbols | b.free_symbols, key=str), random.Random(0), []
+    for _ in range(4 if symbols else 1):
+        point = {s: sympy.Rational(rng.randint(50, 300), 97) for s in symbols}
+        try:
+            va, vb = (complex(e.evalf(30, subs=point)) for e in (a, b))
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if cmath.isfinite(va) and cmath.isfinite(vb):
+            values.append((va, vb))
+    if proportional:  # a = c * b: the ratio a / b is the same nonzero c at every point
+        if not values or any(va * vb == 0 for va, vb in values):
+            return False
+        values = [(va / vb, values[0][0] / values[0][1]) for va, vb in values]
+    tol = 1e-12 if exact else REL_TOL
+    return bool(values) and all(abs(u - v) <= tol * max(abs(u), abs(v), 1e-10) for u, v in values)
+
+
+# ------------------------------------------------------------------------ public API
+def is_equiv(pred: str, gold: str) -> bool:
+    r"""Is the final answer `pred` the same as the reference `gold`?  Both are bare answers (the
+    content of a \boxed{}), e.g. "\frac12" and "0.5". Never raises; sympy time <= SYMPY_TIMEOUT_S."""
+    try:
+        pred, gold = (str(x) if isinstance(x, (int, float)) else x for x in (pred, gold))
+        if not isinstance(pred, str) or not isinstance(gold, str):
+            return False
+        if max(len(pred), len(gold)) > MAX_ANSWER_CHARS:
+            return pred.strip() == gold.strip()
+        return _equal(_normalize(pred), _normalize(gold), 0, [SYMPY_TIMEOUT_S])
+    except Exception:  # noqa: BLE001 - a reward function must never crash the trainer
+        return False
+
+def grade(response: str, gold: str) -> float:
+    r"""1.0 if the last \boxed{} answer of `response` is equivalent to `gold`, else 0.0.
+    `gold` may be a bare answer ("\frac{1}{2}") or a text with a \boxed{} answer in it."""
+    if (pred := extract_answer(response)) is None:
+        return 0.0
+    if isinstance(gold, str) and _BOX.search(gold):
+        gold = extract_answer(gold) or gold
+    return 1.0 if is_equiv(pred, gold) else 0.0
+
+def _report(path, n_pairs=5000, seed=0):
+    """Self-agreement, false-match rate and speed of grade() on a jsonl file of solutions."""
+    with open(path) as f:
+        rows = [r for r in map(json.loads, filter(str.strip, f)) if "solution" in r and "answer" in r]
+    sols, golds = [r["solution"] for r in rows], [str(r["answer"]) for r in rows]
+    _HELPER.ask(["1", "1", "expr"], [STARTUP_TIMEOUT_S])  # start sympy before timing
+    start = time.perf_counter()
+    grades = [grade(s, g) for s, g in zip(sols, golds)]
+    speed = len(rows) / (time.perf_counter() - start)
+    rng, pairs = random.Random(seed), []
+    while len(pairs) < n_pairs and len(set(golds)) > 1:  # pairs with different reference answers
+        i, j = rng.randrange(len(rows)), rng.randrange(len(rows))
+        pairs += [(i, j)] if "".join(golds[i].split()) != "".join(golds[j].split()) else []
+    matches = [[extract_answer(sols[i]), golds[j]] for i, j in pairs if grade(sols[i], golds[j])]
+    return {"file": os.path.basename(path), "rows": len(rows), "grades_per_second": round(speed),
+            "rows_without_box": sum(extract_answer(s) is None for s in sols),
+            "self_agreement": sum(grades) / len(rows), "failures": [
+                [i, golds[i], extract_answer(sols[i])] for i, x in enumerate(grades) if not x],
+            "false_match_rate": len(matches) / max(len(pairs), 1), "false_matches": matches}
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--sympy-worker"]:
+        _serve_sympy()
+    else:  # python grader.py FILE.jsonl [FILE ...]
+        if hasattr(os, "sched_setaffinity"):  # measure on one core (the helper inherits it)
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        for file in sys.argv[1:]:
+            print(json.dumps(_report(file)))
