@@ -37,16 +37,15 @@ mode=${1:-auto}
 case "$mode" in
   setup) setup ;;
   test)
-    setup pytest hypothesis
+    setup pytest hypothesis matplotlib
     shift || true
     exec "$VENV/bin/python" -m pytest -q test_soar.py "$@" ;;
   demo)
     setup
     exec "$VENV/bin/python" soar.py soar --preset demo ;;
-  paper)
+  paper)  # prepare, fail@128, SOAR, Intrinsic-T, the protocol, report; re-running skips finished work
     setup matplotlib
-    echo "the paper pipeline is not built yet (issue 5); running the SOAR loop only" >&2
-    ngpu=$(nvidia-smi -L | wc -l)
-    exec "$VENV/bin/torchrun" --nproc_per_node "$ngpu" soar.py soar --preset paper ;;
+    shift || true
+    exec "$VENV/bin/python" soar.py pipeline --preset paper "$@" ;;
   *) echo "usage: ./run.sh [test|demo|paper|setup]" >&2; exit 2 ;;
 esac

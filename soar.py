@@ -11,17 +11,24 @@ Read it top to bottom; it follows the algorithm.
     3. models and samplers  fp32 master weights for training; vLLM (or HF generate) for sampling,
                             re-synced with the trainer's weights after every optimizer step
     4. RL core              RLOO / GRPO advantages, the clipped policy-gradient loss, one RL step
-    5. evaluation           greedy accuracy and unbiased pass@k
+    5. evaluation           greedy accuracy and unbiased pass@k; the `train` command
     6. SOAR                 outer step: Q_R -> teacher datasets -> inner loops -> teacher reward ->
                             teacher update -> promotion; Intrinsic-T; workers; resume
     7. the paper's pipeline prepare, fail@k filter, evaluation protocol, report
-    8. bench and the command line
+    8. bench                sampling and training throughput
+    9. the command line
 
-Commands (python soar.py COMMAND --help for the flags):
-    train   RL with verifiable rewards on jsonl problems (the Hard-Only baseline; the PQ protocol)
-    eval    pass@k and greedy accuracy of a model on jsonl problems
-    soar    the meta-RL loop, --preset paper|demo|test
-    bench   sampling and training throughput (MFU and peak memory on GPU)
+Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field.
+    train      RL with verifiable rewards on jsonl problems (Hard-Only; the protocol's trainings)
+    eval       pass@k (--n N --k 1,2,4,...) and greedy accuracy on jsonl problems, as JSON
+    soar       the meta-RL loop (torchrun for several GPUs); Intrinsic-T: --teacher_reward learnability
+    prepare    --dataset math|harp|olympiadbench [--source PATH_OR_URL] -> data/<name>.jsonl
+    filter     --data FILE --k 128: fail@k counts and the 50/50 train/test split of the unsolved
+    questions  --model TEACHER --output FILE: questions sampled from a trained teacher
+    select_ps  --out SOAR_RUN --data VAL: the promoted student with the best validation accuracy
+    pipeline   everything above in order, skipping finished work (./run.sh paper)
+    report     RUN_DIR... [--out FOLDER]: pass@k tables, the paper's claims beside ours, plots
+    bench      sampling tokens/s per backend, training tokens/s (MFU and peak memory on GPU)
 """
 import contextlib
 import dataclasses
@@ -67,11 +74,11 @@ class Config:
     # --- models ---
     model: str = "meta-llama/Llama-3.2-3B-Instruct"  # [paper] teacher and student are both copies of it
     sampler: str = "auto"           # [ours] "vllm" when importable, else "hf" (HF generate, slow)
-    dtype: str = "auto"             # [ours] "auto" = bf16 compute on GPU, fp32 on CPU
-    gpu_memory_utilization: float = 0.25  # [ours] vLLM's share of GPU memory; the trainer needs the rest
+    gpu_memory_utilization: float = 0.2  # [ours] vLLM's share of GPU memory (16 GB of 80: weights + KV);
+                                    #        the trainer needs the rest (README, memory plan)
     max_model_len: int = 2048       # [ours] prompt + response tokens
     gradient_checkpointing: bool = True  # [ours] GPU only: trades ~30% compute for activations
-    micro_batch_tokens: int = 16384  # [ours] tokens per forward/backward (padding included)
+    micro_batch_tokens: int = 8192  # [ours] tokens per forward/backward (padding included)
     seed: int = 0
     # --- RL (student inner loop, Hard-Only baseline, PQ protocol) ---
     algo: str = "rloo"              # [paper] the student and the teacher are both trained with RLOO
@@ -81,7 +88,7 @@ class Config:
     clip_eps: float = 0.2           # [ours] PPO's value; with one update per batch it only matters
                                     #        through sampler/trainer mismatch
     kl_beta: float = 0.0            # [ours] no KL: no frozen reference copy is held in memory
-    batch_size: int = 8             # [paper] problems per RL step (inner loop: 8)
+    batch_size: int = 8             # [ours] `train`: problems per RL step, as the inner loop's 8 [paper]
     group_size: int = 8             # [ours] samples per problem (RLOO needs >= 2)
     temperature: float = 1.0        # [ours] sampling temperature for training and pass@k
     max_new_tokens: int = 1024      # [ours] student response budget
@@ -104,15 +111,32 @@ class Config:
     teacher_reward: str = "grounded"  # [paper] "grounded" (SOAR) or "learnability" (Intrinsic-T)
     learnability_samples: int = 8   # [ours] m, student samples per question for p(1-p)
     eval_max_new_tokens: int = 1024  # [ours] greedy evaluation on Q_R
+    checkpoint_every: int = 1       # [ours] outer steps between teacher checkpoints (38.5 GB each at 3B);
+                                    #        a crash repeats the steps since the last one
     # --- eval and bench ---
     eval_n: int = 32                # [ours] samples per problem for pass@k (`eval --n`)
     eval_k: str = "1,2,4,8,16,32"   # [paper] the k of the pass@k curves (`eval --k`)
     bench_prompts: int = 32         # [ours] as in the measurements in ../shared/NOTES.md
     bench_seq_len: int = 1024       # [ours] training sequence length in `bench`
-    # --- data ---
-    data: list = field(default_factory=lambda: ["data/math_fail_train.jsonl"])
-    out: str = "runs/soar"
-    resume: str = ""
+    # --- data and the paper's pipeline (`pipeline`, `prepare`, `filter`) ---
+    data: list = field(default_factory=lambda: ["runs/paper/filter/math_train.jsonl"])
+    out: str = "runs/paper"
+    resume: str = ""                # a SOAR run folder to continue, with the configuration it started with
+    data_dir: str = "data"          # where `prepare` writes data/<name>.jsonl
+    datasets: list = field(default_factory=lambda: ["math", "harp"])  # [paper]
+    transfer: str = "olympiadbench"  # [paper] held-out transfer set
+    sources: list = field(default_factory=list)  # `pipeline`: NAME=PATH_OR_URL; default: the release
+    source: str = ""                # `prepare --dataset NAME --source PATH_OR_URL`
+    filter_k: int = 128             # [paper] fail@128
+    val_share: float = 0.1          # [ours] share of the fail@k train half held out to pick PS
+    shard: int = 0                  # `filter`: this job samples problems i with i % shards == shard
+    shards: int = 1
+    seeds: int = 3                  # [ours] seeds per protocol training
+    protocol_group_size: int = 32   # [paper] Hard-Only group size (Hard-Only-4x: 128, matched compute)
+    intrinsic_questions: int = 128  # [paper] questions sampled from the Intrinsic-T teacher
+    output: str = ""                # `eval`, `questions`: also write the result to this file
+    method: str = ""                # `eval`: labels stored in that JSON
+    dataset: str = ""
 
 
 PRESETS = {
@@ -120,14 +144,19 @@ PRESETS = {
     "paper": dict(),
     # A laptop CPU in ~15 minutes: SmolLM2-135M-Instruct on our own small hard set (data/demo_hard.jsonl).
     "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo_hard.jsonl"], out="runs/demo",
-                 outer_steps=4, dataset_size=8, n_datasets=2, repeats=1, qr_size=8, inner_steps=2, inner_batch=4, group_size=4,
-                 max_new_tokens=96, teacher_max_new_tokens=96, eval_max_new_tokens=96, lr=1e-5,
-                 teacher_lr=1e-5, max_model_len=512, micro_batch_tokens=4096, tau=0.0),
+                 outer_steps=4, dataset_size=16, n_datasets=2, repeats=1, qr_size=8, inner_steps=2,
+                 inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
+                 eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
+                 max_model_len=768, micro_batch_tokens=4096, window=2, tau=-0.001),
+    # demo tau: at 135M the measured improvement is almost always exactly 0, so the demo promotes
+    # unless the teacher's datasets hurt, to show a promotion; the paper's 0.01 is the default
     # A tiny random model for the tests (built by test_soar.py; the path is set there).
-    "test": dict(model="", data=[], out="runs/test", outer_steps=3, dataset_size=4, n_datasets=2, repeats=1, qr_size=4,
+    "test": dict(model="", data=[], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1, qr_size=4,
                  inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
-                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-2, max_model_len=256,
-                 micro_batch_tokens=2048, sampler="hf", tau=-1.0),
+                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3, max_model_len=256,
+                 micro_batch_tokens=2048, sampler="hf", tau=-1.0, datasets=["math"], filter_k=2, seeds=1,
+                 steps=2, protocol_group_size=2, intrinsic_questions=4, eval_n=4, eval_k="1,2,4",
+                 out="runs/test-pipeline"),
 }
 
 
@@ -178,6 +207,12 @@ def timed(phase):
             _open_phases[-1] += total
 
 
+def seed_of(*parts):
+    """A 31-bit seed from (seed, step, k, repeat, ...): the same job gets the same randomness
+    whichever worker runs it, and a resumed run gets what the crashed one had."""
+    return random.Random("-".join(map(str, parts))).getrandbits(31)
+
+
 # ================================================================================================
 # 2. Data and prompts
 # ================================================================================================
@@ -197,8 +232,8 @@ def read_jsonl(path, required=("problem", "answer")):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             for key in required:
                 value = row.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    row[key] = value = str(value)  # some releases store numeric answers as numbers
+                if isinstance(value, (int, float)) and not isinstance(value, bool):  # AMC: 27.0
+                    row[key] = value = str(int(value) if float(value).is_integer() else value)
                 if not isinstance(value, str) or not value.strip():
                     raise ValueError(f"{path}:{lineno}: field {key!r} is missing or empty")
             rows.append(row)
@@ -238,11 +273,13 @@ def load_problems(paths):
 STUDENT_PROMPT = ("{problem}\n\nSolve the problem step by step. "
                   "Put your final answer within \\boxed{{}}.")
 
-# The teacher prompt: one fixed, generic instruction [paper: the teacher never sees D_train]. The
-# answer format is stated so that parse_teacher_output can be strict.
-TEACHER_PROMPT = ("Write one new, self-contained math problem that a student could learn from, "
-                  "then its final answer. Use exactly this format:\n\n"
-                  "Question: <the problem>\nAnswer: \\boxed{<the final answer>}")
+# The teacher prompt: one fixed, generic instruction; the teacher never sees D_train [paper]. The
+# format and its one generic example are ours: they lift SmolLM2-135M's parse rate from ~5% to ~12%
+# at temperature 0.7 (32 samples each), and parse_teacher_output can stay strict.
+TEACHER_PROMPT = ("Write one new math problem for a student to practice, then its final answer, in this format:\n\n"
+                  "Question: <the problem>\nAnswer: \\boxed{<the final answer>}\n\n"
+                  "For example:\nQuestion: A box holds 3 red and 5 blue pens. How many pens does it hold?\n"
+                  "Answer: \\boxed{8}")
 
 
 def parse_teacher_output(text, max_chars=4000):
@@ -392,7 +429,8 @@ class Policy:
 
     Memory/precision choice: parameters, gradients and Adam states are fp32; the forward runs under
     bf16 autocast on GPU. Pure-bf16 AdamW rounds away updates smaller than 2^-8 of a weight, which
-    at lr ~1e-6 is most of them. Cost for 3B: 12 GB weights + 12 GB grads + 24 GB Adam."""
+    at lr ~1e-6 is most of them. Cost for 3.2B parameters: 12.8 GB weights + 12.8 GB gradients +
+    25.7 GB Adam. With kl_beta > 0 a frozen bf16 reference copy is held too (6.4 GB)."""
 
     def __init__(self, path, cfg, engine, lr, device):
         from transformers import AutoModelForCausalLM
@@ -404,6 +442,10 @@ class Policy:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=device.type == "cuda")
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
+        self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
+        if cfg.kl_beta:
+            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.bfloat16 if device.type == "cuda"
+                                                            else torch.float32).to(device).requires_grad_(False)
 
     def sample(self, prompts, n, temperature, max_tokens, seed):
         """n completions for each prompt (lists of token ids), grouped per prompt."""
@@ -435,20 +477,32 @@ def make_engine(cfg, path, tokenizer):
         return HFEngine(tokenizer)
 
 
-def save_checkpoint(folder, policy, tokenizer, extra=None):
-    """Model + tokenizer + optimizer + `extra` state, written to a temp folder and renamed into place."""
+def save_checkpoint(folder, policy, tokenizer, extra=None, final=False):
+    """Model + tokenizer + optimizer + `extra` state, written to a temp folder and renamed into place.
+    final=True: bf16 weights and no optimizer (a finished run is only evaluated: 6.4 GB, not 38.5 at 3B)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.model.save_pretrained(tmp, safe_serialization=True)
+    weights = {k: v.to(torch.bfloat16) for k, v in policy.model.state_dict().items()} if final else None
+    policy.model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": policy.optimizer.state_dict()}, tmp / "trainer_state.pt")
+    if not final:
+        torch.save({"optimizer": policy.optimizer.state_dict()}, tmp / "trainer_state.pt")
     write_json_atomic(tmp / "run_state.json", extra or {})  # renamed into place with the weights
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)
-    os.replace(tmp, folder)
+    os.replace(tmp, folder)  # a crash between the two renames is repaired by recover_checkpoint
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(folder):
+    """The checkpoint folder, restoring FOLDER.old if a crash came between save_checkpoint's renames."""
+    folder, old = Path(folder), Path(str(folder) + ".old")
+    if not folder.exists() and old.exists():
+        with contextlib.suppress(FileNotFoundError):  # another worker may have restored it first
+            os.replace(old, folder)
+    return folder
 
 
 def load_trainer_state(folder, policy):
@@ -499,10 +553,18 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2,
     return (per_token * mask).sum() / num_tokens
 
 
-def sequence_logprobs(model, sequences, prompt_lens):
-    """Per-token log-probs (and entropies) of each sequence's response tokens under `model`.
+def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
+    """Per-token log-probs of each sequence's response tokens under `model`.
 
-    Returns logprobs [B, T] (column t: the token at position t+1) and the response mask [B, T]. Sequences are right-padded (with token 0, masked out) to the longest one."""
+    Returns logprobs [B, T] (column t: the token at position t+1) and the response mask [B, T].
+    Sequences are right-padded (with token 0, masked out) to the longest one.
+
+    The fp32 logits of a whole micro-batch (tokens x vocab x 4 B: 4 GiB for 8192 tokens of a 128k
+    vocabulary, and log-softmax's backward holds two more) would be the largest activation. So the
+    output layer runs `chunk` positions at a time under checkpointing: one chunk's logits are alive
+    at a time and are recomputed in the backward pass. (A model that post-processes its logits,
+    e.g. Gemma's soft-capping, needs that step added in `chunk_logprobs`.)"""
+    from torch.utils.checkpoint import checkpoint
     B, width = len(sequences), max(map(len, sequences))
     dev = model.device
     ids = torch.zeros((B, width), dtype=torch.long, device=dev)
@@ -510,15 +572,22 @@ def sequence_logprobs(model, sequences, prompt_lens):
     for i, s in enumerate(sequences):
         ids[i, :len(s)] = torch.tensor(s, device=dev)
         attn[i, :len(s)] = 1
+    head = model.get_output_embeddings()
+
+    def chunk_logprobs(hidden, targets):
+        with autocast(model):
+            logits = head(hidden).float()
+        return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+
     with autocast(model):
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    targets = ids[:, 1:]
-    logprobs = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    logprobs = torch.cat([checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                          else chunk_logprobs(h, t)
+                          for h, t in zip(hidden.split(chunk, 1), ids[:, 1:].split(chunk, 1))], 1)
     # response token j of sequence i is predicted at position prompt_len - 1 + j
     pos = torch.arange(width - 1, device=dev)[None]
     plen = torch.tensor(prompt_lens, device=dev)[:, None]
-    slen = attn.sum(1, keepdim=True)
-    mask = (pos >= plen - 1) & (pos < slen - 1)
+    mask = (pos >= plen - 1) & (pos < attn.sum(1, keepdim=True) - 1)
     return logprobs, mask
 
 
@@ -550,7 +619,11 @@ def policy_update(policy, completions, advantages, cfg):
         for i, (c, _) in enumerate(batch):  # place the sampler's log-probs at the response positions
             old[i, mask[i]] = torch.tensor(c.logprobs, device=old.device, dtype=old.dtype)
         adv = torch.tensor([a for _, a in batch], device=logprobs.device)
-        loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, num_tokens=max(num_tokens, 1))
+        ref = None
+        if policy.ref is not None:
+            with torch.no_grad():
+                ref = sequence_logprobs(policy.ref, seqs, [len(c.prompt_ids) for c, _ in batch])[0]
+        loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, ref, cfg.kl_beta, max(num_tokens, 1))
         loss.backward()
         m = mask.float()
         stats["loss"] += loss.item()
@@ -633,27 +706,29 @@ def train(cfg, reward_fn=grader.grade):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg.data)
-    ckpt = out / "checkpoint"
-    start_path = ckpt if (ckpt / "trainer_state.pt").exists() else cfg.model
+    ckpt = recover_checkpoint(out / "checkpoint")
+    step = json.loads((ckpt / "run_state.json").read_text())["step"] if (ckpt / "run_state.json").exists() else 0
+    if step >= cfg.steps:
+        print(f"{ckpt}: finished ({step} steps)")
+        return
+    start_path = ckpt if step else cfg.model
     tok = load_tokenizer(start_path)
-    device = device_for(0)
-    engine = make_engine(cfg, start_path, tok)
-    policy = Policy(start_path, cfg, engine, cfg.lr, device)
-    step = 0
-    if start_path == ckpt:
+    policy = Policy(start_path, cfg, make_engine(cfg, start_path, tok), cfg.lr, device_for(0))
+    if step and (ckpt / "trainer_state.pt").exists():
         load_trainer_state(ckpt, policy)
-        step = json.loads((ckpt / "run_state.json").read_text())["step"]
         print(f"resuming from {ckpt} at step {step}")
+    elif step:  # a finished run, extended with more --steps: its final bf16 weights, a fresh optimizer
+        print(f"continuing the finished run {ckpt} at step {step} with a fresh optimizer")
     write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     metrics = out / "metrics.jsonl"
     keep_rows(metrics, lambda row: row["step"] < step)  # drop rows of steps the checkpoint does not hold
     for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
         rng = random.Random(f"{cfg.seed}-train-{step}")  # a function of the step: resume-safe
         batch = rng.sample(problems, min(cfg.batch_size, len(problems)))
-        row = {"step": step, **rl_step(policy, tok, batch, cfg, seed=cfg.seed * 100003 + step, reward_fn=reward_fn)}
+        row = {"step": step, **rl_step(policy, tok, batch, cfg, seed_of(cfg.seed, "train", step), reward_fn)}
         append_jsonl(metrics, row)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt, policy, tok, {"step": step + 1})
+            save_checkpoint(ckpt, policy, tok, {"step": step + 1}, final=step + 1 == cfg.steps)
     return policy
 
 
@@ -705,6 +780,19 @@ def convert_smollm2(folder):
 
 # ----- a tiny random model, for the `test` preset and the tests (no hub needed) -----
 
+def char_tokenizer():
+    """A character-level tokenizer (printable ASCII) with a plain chat template, built locally."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    return tok
+
+
 def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
     """A 2-layer Llama with a character-level tokenizer and a chat template, saved to folder.
     Small enough that a test RL run takes seconds on a CPU; real enough that vLLM serves it.
@@ -716,16 +804,10 @@ def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = char_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False)  # head_dim 32: the smallest vLLM's CPU kernels take
@@ -787,12 +869,6 @@ def broadcast(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def seed_of(*parts):
-    """A 31-bit seed from (seed, step, k, repeat, ...): the same job gets the same randomness
-    whichever worker runs it."""
-    return random.Random("-".join(map(str, parts))).getrandbits(31)
 
 
 def sample_reward_set(d_train, cfg, step):
@@ -908,13 +984,11 @@ def load_state(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
 
 
-def moved(policy, device):
-    """Move a policy's weights and optimizer state (the teacher lives on the CPU between updates,
-    so a GPU holds one trainer at a time; see README, memory plan). A no-op on CPU."""
-    if policy.model.device == device:
-        return policy
+def moved(policy, device, optimizer=True):
+    """Move a policy's weights (and its Adam states) between CPU and GPU: the teacher lives on the
+    CPU between updates, so a GPU holds one trainer at a time (README, memory plan). No-op on CPU."""
     policy.model.to(device)
-    for st in policy.optimizer.state.values():
+    for st in policy.optimizer.state.values() if optimizer else ():
         for key, value in st.items():
             if torch.is_tensor(value) and key != "step":
                 st[key] = value.to(device)
@@ -928,15 +1002,15 @@ def soar(cfg, probe=None):
     probe = probe or (lambda event, **data: None)
     rank, world_size = world()
     run = Path(cfg.resume or cfg.out)
-    if cfg.resume:  # a resumed run keeps the configuration it started with
-        cfg = Config(**{**json.loads((run / "config.json").read_text()), "resume": cfg.resume})
+    teacher_dir = recover_checkpoint(run / "teacher")
+    resuming = (teacher_dir / "run_state.json").exists()
+    if resuming:  # a resumed run keeps the configuration it started with
+        cfg = Config(**{**json.loads((run / "config.json").read_text()), "resume": str(run)})
     grounded = cfg.teacher_reward == "grounded"
     assert cfg.n_datasets >= 2, "RLOO across datasets needs g >= 2"
     d_train = load_problems(cfg.data) if grounded else []
     tok = load_tokenizer(cfg.model)
     device = device_for(rank)
-    teacher_dir = run / "teacher"
-    resuming = (teacher_dir / "run_state.json").exists()
     state = json.loads((teacher_dir / "run_state.json").read_text()) if resuming else \
         {"step": 0, "window": [], "baseline": "", "promotions": []}
     if rank == 0:
@@ -967,19 +1041,21 @@ def soar(cfg, probe=None):
         # 2. the teacher writes g datasets of n questions (rank 0) and shares them with every worker
         rollouts, datasets = None, None
         if rank == 0:
-            with timed("teacher_sample"):
-                moved(teacher, device)
+            with timed("teacher_sample"):  # vLLM takes the weights from the CPU; HF generate needs them here
+                moved(teacher, device if isinstance(engine, HFEngine) else torch.device("cpu"), optimizer=False)
                 rollouts, datasets = teacher_datasets(teacher, tok, cfg, step)
-                moved(teacher, torch.device("cpu"))
+                moved(teacher, torch.device("cpu"), optimizer=False)
         datasets = broadcast(datasets)
         # 3. the jobs, spread over workers: inner loops (SOAR) or learnability estimates (Intrinsic-T),
         #    and the baseline student's accuracy on Q_R
         jobs = [("inner", k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)] if grounded else \
             [("learnability", k, 0) for k in range(cfg.n_datasets)]
+        owner = {job: i % world_size for i, job in enumerate(jobs)}
         jobs.append(("baseline", -1, 0))
+        owner[jobs[-1]] = world_size - 1  # rank 0 also samples and updates the teacher
         mine, trained = [], {}
-        for i, (kind, k, j) in enumerate(jobs):
-            if i % world_size != rank:
+        for kind, k, j in jobs:
+            if owner[kind, k, j] != rank:
                 continue
             if kind == "baseline":
                 acc = greedy_accuracy(student, tok, q_r, cfg.eval_max_new_tokens) if grounded else 0.0
@@ -1009,9 +1085,8 @@ def soar(cfg, probe=None):
         if promote:
             best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
             best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"])
-            owner = jobs.index(("inner", best["k"], best["repeat"])) % world_size
             folder = f"students/step_{step:04d}"
-            if rank == owner:
+            if rank == owner["inner", best["k"], best["repeat"]]:
                 save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
             all_gather(None)  # a barrier: the folder is written before anyone reads it
             baseline_state = load_state(run / folder)
@@ -1038,7 +1113,9 @@ def soar(cfg, probe=None):
                      step_reward, average, best, update, times, time.time() - step_start)
             probe("before_commit", step=step)
             state["step"] = step + 1
-            save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
+                with timed("checkpoint"):
+                    save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
         state = broadcast(state)
     return run
 
@@ -1070,6 +1147,451 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
 
 
 # ================================================================================================
+# 7. The paper's pipeline: prepare, fail@k filter, evaluation protocol, report
+# ================================================================================================
+
+# ----- prepare: public releases -> data/<name>.jsonl rows {id, problem, answer, source, meta} -----
+
+DOWNLOADS = {  # the canonical public releases (a local copy can be given with --source)
+    # Hendrycks et al. MATH: MATH/{train,test}/<subject>/<n>.json {problem, level, type, solution};
+    # the answer is the solution's last \boxed{}. (Linked from github.com/hendrycks/math until 2025.)
+    "math": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar",
+    # HARP (Yue et al. 2024): one member HARP.jsonl, the short-answer set {problem, answer, level,
+    # subject, year, contest, number, ...}.
+    "harp": "https://github.com/aadityasingh/HARP/raw/main/HARP.jsonl.zip",
+    # OlympiadBench (He et al. 2024), the authors' full zip; we read data/OE_TO_maths_en_COMP.json
+    # (English, text-only, open-ended math): a list of {id, context, question, final_answer: [..]}.
+    "olympiadbench": "https://drive.usercontent.google.com/download?id=1DnTCrvIv5vbfDmi2yYaCWnzUhvD34oB0"
+                     "&export=download&confirm=t",
+}
+SUBSET = {"harp": "HARP.jsonl", "olympiadbench": "OE_TO_maths_en_COMP.json"}
+SCHEMA_VERSION = 1  # bump when prepared rows change, so `prepare` rebuilds
+
+
+def download(url, folder):
+    """Fetch a URL once into folder (atomically); later calls reuse the copy."""
+    import urllib.parse
+    import urllib.request
+    dest = Path(folder) / (Path(urllib.parse.urlparse(url).path).name or "download")
+    if not dest.exists():
+        print(f"downloading {url}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+        os.replace(tmp, dest)
+    return dest
+
+
+def source_documents(src):
+    """(location, member name, text) of every .json/.jsonl in a file, folder, .zip or .tar."""
+    import tarfile
+    import zipfile
+    wanted = lambda n: n.endswith((".json", ".jsonl")) and not Path(n).name.startswith(("._", "."))
+    if src.is_dir():
+        for p in sorted(src.rglob("*")):
+            if p.is_file() and wanted(p.name):
+                yield str(p), str(p.relative_to(src)), p.read_text(encoding="utf-8")
+    elif wanted(src.name):
+        yield str(src), src.name, src.read_text(encoding="utf-8")
+    elif zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as z:
+            for n in sorted(n for n in z.namelist() if wanted(n) and "__MACOSX" not in n):
+                yield f"{src}:{n}", n, z.read(n).decode("utf-8")
+    elif tarfile.is_tarfile(src):
+        with tarfile.open(src) as t:
+            for m in sorted((m for m in t.getmembers() if m.isfile() and wanted(m.name)), key=lambda m: m.name):
+                yield f"{src}:{m.name}", m.name, t.extractfile(m).read().decode("utf-8")
+    else:
+        raise ValueError(f"{src}: expected a .json/.jsonl file, a folder, a .zip or a .tar")
+
+
+def source_rows(src, name):
+    """(location, member, row) for every row; of an archive, only the dataset's own subset file."""
+    docs = list(source_documents(src))
+    for where, member, text in [d for d in docs if Path(d[1]).name == SUBSET.get(name)] or docs:
+        if member.endswith(".jsonl"):
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        yield f"{where}:{lineno}", member, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+        else:
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+            for i, row in enumerate(obj if isinstance(obj, list) else [obj]):
+                yield f"{where}[{i}]", member, row
+
+
+def to_schema(name, where, member, row, index):
+    """One release row -> (split, {id, problem, answer, source, meta}); errors name the field."""
+    def field(key):
+        value = row.get(key) if isinstance(row, dict) else None
+        if isinstance(value, list):  # OlympiadBench: final_answer = ["$\\frac{1}{2}$", ...]
+            value = ", ".join(str(v).strip().strip("$").strip() for v in value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(int(value) if float(value).is_integer() else value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: field {key!r} is missing or empty")
+        return value.strip()
+    if name == "math":
+        answer = row.get("answer") or grader.extract_answer(field("solution"))
+        if not answer:
+            return None  # a solution that never boxes its answer has no usable label (counted)
+        named = next((s for s in ("train", "test") if s in Path(member.lower()).parts or s in Path(member).stem), None)
+        split = row.get("split") or named or "test"
+        uid = row.get("unique_id") or row.get("id") or f"{member}#{index}"
+        meta = {"level": row.get("level"), "subject": row.get("subject") or row.get("type"), "split": split}
+        return split, {"id": str(uid), "problem": field("problem"), "answer": str(answer), "source": name, "meta": meta}
+    if name == "harp":
+        uid = "/".join(str(row.get(k, "")) for k in ("year", "contest", "number"))
+        meta = {k: row.get(k) for k in ("level", "subject", "year", "contest")}
+        return "all", {"id": uid, "problem": field("problem"), "answer": field("answer"), "source": name, "meta": meta}
+    problem = ((row.get("context") or "") + "\n\n" + field("question")).strip()
+    meta = {k: row.get(k) for k in ("subfield", "answer_type", "unit")}
+    return "all", {"id": str(row.get("id", index)), "problem": problem, "answer": field("final_answer"),
+                   "source": name, "meta": meta}
+
+
+def prepare(name, source=None, out_dir="data"):
+    """`python soar.py prepare --dataset NAME [--source PATH_OR_URL]`: data/math_{train,test}.jsonl,
+    data/harp.jsonl or data/olympiadbench.jsonl. All rows are converted before anything is written;
+    a re-run with the same source (path, sizes, mtimes) and schema is a no-op."""
+    if name not in DOWNLOADS:
+        raise SystemExit(f"unknown dataset {name!r}; one of {sorted(DOWNLOADS)}")
+    out_dir = Path(out_dir)
+    src = download(source or DOWNLOADS[name], out_dir / ".cache") if not source or "://" in str(source) \
+        else Path(source)
+    if not src.exists():
+        raise SystemExit(f"source not found: {src}")
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    stamp = {"schema": SCHEMA_VERSION, "source": str(src.resolve()),
+             "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    meta_path = out_dir / f"{name}.meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in stamp} == stamp and all(Path(p).exists() for p in old["outputs"]):
+            print(f"{name}: up to date")
+            return [Path(p) for p in old["outputs"]]
+    splits, skipped = {}, 0
+    for i, (where, member, row) in enumerate(source_rows(src, name)):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        converted = to_schema(name, where, member, row, i)
+        skipped += converted is None
+        if converted:
+            splits.setdefault(converted[0], []).append(converted[1])
+    if not splits:
+        raise SystemExit(f"{src}: no rows for dataset {name!r}")
+    outputs = []
+    for split, rows in sorted(splits.items()):
+        outputs.append(out_dir / (f"{name}.jsonl" if split == "all" else f"{name}_{split}.jsonl"))
+        write_jsonl_atomic(outputs[-1], rows)
+        print(f"{name}: {len(rows)} rows -> {outputs[-1]}")
+    if skipped:
+        print(f"{name}: skipped {skipped} rows whose solution has no \\boxed{{}} answer")
+    write_json_atomic(meta_path, {**stamp, "outputs": [str(p) for p in outputs], "skipped": skipped})
+    return outputs
+
+
+# ----- fail@k: the problems the model never solves in k samples -----
+
+def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
+    """Sample k solutions per problem (student prompt, cfg.temperature), record success counts in
+    OUT_counts*.jsonl (resumable: counted problems are not sampled again), keep the 0/k problems and
+    split them 50/50 into train and test with a seeded shuffle [paper]. cfg.val_share of the train
+    half is held out as OUT_val.jsonl, to pick the promoted student (PS) without touching test.
+    split=False (the held-out transfer set): every 0/k problem goes to OUT_test.jsonl.
+    With cfg.shards > 1, this job samples every shards-th problem (one job per GPU); the split is
+    written by whichever call finds every problem counted."""
+    problems = load_problems(data_paths)
+    for i, p in enumerate(problems):
+        p.setdefault("id", f"row{i}")
+    out_prefix = Path(out_prefix)
+    done = {}
+    for counts in out_prefix.parent.glob(f"{out_prefix.name}_counts*.jsonl"):  # every shard's counts
+        for line in counts.read_text().splitlines():  # a crash can tear the last line: resampled
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                done[row["id"]] = row["successes"]
+    counts_path = Path(f"{out_prefix}_counts{cfg.shard if cfg.shards > 1 else ''}.jsonl")
+    todo = [p for i, p in enumerate(problems) if p["id"] not in done and i % cfg.shards == cfg.shard]
+    if todo:
+        tok = load_tokenizer(cfg.model)
+        policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+    chunk = 64  # [ours] problems per engine call; also the resume granularity
+    for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
+        batch = todo[start:start + chunk]
+        prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=p["problem"])) for p in batch]
+        groups = policy.sample(prompts, k, cfg.temperature, cfg.max_new_tokens, seed_of(cfg.seed, "filter", start))
+        counts_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(counts_path, "a", encoding="utf-8") as f:
+            for p, group in zip(batch, groups):
+                done[p["id"]] = int(sum(grader.grade(c.text, p["answer"]) for c in group))
+                f.write(json.dumps({"id": p["id"], "successes": done[p["id"]], "k": k}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    if any(p["id"] not in done for p in problems):
+        return None  # other shards are still counting
+    hard = [p for p in problems if done[p["id"]] == 0]
+    random.Random(seed_of(cfg.seed, "split")).shuffle(hard)
+    train, test = (hard[:len(hard) // 2], hard[len(hard) // 2:]) if split else ([], hard)
+    n_val = max(1, round(cfg.val_share * len(train))) if len(train) > 1 else 0
+    for part, rows in (("train", train[n_val:]), ("val", train[:n_val]), ("test", test)):
+        write_jsonl_atomic(f"{out_prefix}_{part}.jsonl", rows)
+    print(f"fail@{k}: {len(hard)} of {len(problems)} problems unsolved -> {out_prefix}_{{train,val,test}}.jsonl")
+    return hard
+
+
+def sample_questions(cfg, teacher_path, count, out_path):
+    """Intrinsic-T protocol [paper]: `count` parsed questions from a trained teacher."""
+    tok = load_tokenizer(teacher_path)
+    teacher = Policy(teacher_path, cfg, make_engine(cfg, teacher_path, tok), cfg.lr, device_for(0))
+    prompt, rows = chat_ids(tok, TEACHER_PROMPT), []
+    for attempt in range(20):  # [ours] give up after 20 rounds of `count` rollouts
+        for c in teacher.sample([prompt], count, cfg.teacher_temperature, cfg.teacher_max_new_tokens,
+                                seed_of(cfg.seed, "questions", attempt))[0]:
+            parsed = parse_teacher_output(c.text)
+            if parsed and len(rows) < count:
+                rows.append({"id": f"teacher-{len(rows)}", "problem": parsed[0], "answer": parsed[1]})
+        if len(rows) == count:
+            break
+    write_jsonl_atomic(out_path, rows)
+    return rows
+
+
+# ----- the evaluation protocol of the paper, every stage skipping finished work -----
+
+def select_promoted_student(cfg, run, validation):
+    """PS [paper]: of the students promoted during a SOAR run, the one with the best greedy accuracy
+    on the validation problems held out of D_train; the base model when none was promoted. One
+    engine serves all candidates (same architecture): only the weights are swapped."""
+    tok = load_tokenizer(cfg.model)
+    student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+    scores = {cfg.model: greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)}
+    for folder in sorted((Path(run) / "students").glob("step_*")):
+        student.set_state(load_state(folder))
+        scores[str(folder)] = greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)
+    best = max(scores, key=lambda m: (scores[m], m != cfg.model))  # ties go to a promoted student
+    write_json_atomic(Path(run) / "promoted_student.json", {"best": best, "val_accuracy": scores})
+    return best
+
+
+def run_jobs(jobs, gpus):
+    """Run independent jobs (argv lists for this script): one per GPU at a time, or in this process
+    one after another on a machine without GPUs."""
+    import subprocess
+    if not gpus:
+        for argv in jobs:
+            main(argv)
+        return
+    running = []
+    for argv in jobs:
+        while len(running) == len(gpus):
+            for job in running:
+                if job[0].poll() is not None:
+                    running.remove(job)
+                    gpus.append(job[1])
+                    if job[0].returncode:
+                        raise SystemExit(f"job failed: {' '.join(job[2])}")
+                    break
+            else:
+                time.sleep(5)
+        gpu = gpus.pop(0)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+        running.append((subprocess.Popen([sys.executable, __file__] + argv, env=env), gpu, argv))
+    for proc, gpu, argv in running:
+        if proc.wait():
+            raise SystemExit(f"job failed: {' '.join(argv)}")
+
+
+def pipeline(cfg, preset):
+    """`./run.sh paper` = `python soar.py pipeline --preset paper`: every stage of the paper's
+    evaluation. Each stage is a list of jobs (commands of this script) that skips finished work;
+    jobs run one per GPU in parallel, SOAR runs over all GPUs with torchrun."""
+    import subprocess
+    root, data, n_gpu = Path(cfg.out), Path(cfg.data_dir), torch.cuda.device_count()
+    names, sources = cfg.datasets + [cfg.transfer], dict(s.split("=", 1) for s in cfg.sources)
+    base = ["--preset", preset, "--model", cfg.model, "--out", str(root)]
+    fil = lambda name, part: f"{root / 'filter' / name}_{part}.jsonl"
+    run = lambda jobs: run_jobs([argv for done, argv in jobs if not done], list(range(n_gpu)))
+    # 1. data: the public releases in one schema (CPU only)
+    files = {name: [str(p) for p in prepare(name, sources.get(name), data)] for name in names}
+    # 2. fail@k of the base model, one shard per GPU: data/<name> -> filter/<name>_{counts,train,val,test}
+    shards = max(n_gpu, 1)
+    run([(Path(fil(name, "test")).exists(), ["filter", *base, "--dataset", name, "--data", *files[name],
+                                             "--shard", str(i), "--shards", str(shards)])
+         for name in names for i in range(shards)])
+    for name in names:  # the split, once every shard has counted (no sampling happens here)
+        if not Path(fil(name, "test")).exists():
+            fail_at_k(dataclasses.replace(cfg, shards=1, shard=0), files[name], cfg.filter_k, root / "filter" / name,
+                      split=name != cfg.transfer)
+    # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
+    for name in cfg.datasets:
+        for kind, reward in (("soar", "grounded"), ("intrinsic", "learnability")):
+            state = root / f"{kind}_{name}" / "teacher" / "run_state.json"
+            if state.exists() and json.loads(state.read_text())["step"] >= cfg.outer_steps:
+                continue
+            argv = ["soar", *base, "--data", fil(name, "train"), "--out", str(root / f"{kind}_{name}"),
+                    "--teacher_reward", reward]
+            if n_gpu > 1:
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}",
+                                __file__, *argv], check=True)
+            else:
+                main(argv)
+    # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
+    run([(Path(root / f"intrinsic_{name}" / "questions.jsonl").exists(),
+          ["questions", *base, "--model", str(root / f"intrinsic_{name}" / "teacher"),
+           "--output", str(root / f"intrinsic_{name}" / "questions.jsonl")]) for name in cfg.datasets] +
+        [((root / f"soar_{name}" / "promoted_student.json").exists(),
+          ["select_ps", *base, "--out", str(root / f"soar_{name}"), "--data", fil(name, "val")])
+         for name in cfg.datasets])
+    math_train = read_jsonl(data / "math_train.jsonl") if (data / "math_train.jsonl").exists() else []
+    trainings, models = [], []  # models: (method, dataset, seed, model folder) to evaluate
+    for name in cfg.datasets:
+        if not Path(fil(name, "upper")).exists():
+            test_ids = {r["id"] for r in read_jsonl(fil(name, "test"))}
+            write_jsonl_atomic(fil(name, "upper"), [r for r in math_train if r["id"] not in test_ids])
+        methods = {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
+                   "SOAR-PQ": [str(root / f"soar_{name}" / "promotion_questions.jsonl"), fil(name, "train")],
+                   "Intrinsic-T": [str(root / f"intrinsic_{name}" / "questions.jsonl"), fil(name, "train")],
+                   "Upper bound": [fil(name, "upper"), fil(name, "train")]}
+        ps = json.loads((root / f"soar_{name}" / "promoted_student.json").read_text())["best"]
+        for seed in range(cfg.seeds):
+            models += [("Base", name, seed, cfg.model), ("SOAR-PS", name, seed, ps)]
+            for method, paths in methods.items():
+                out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
+                state = out / "checkpoint" / "run_state.json"
+                group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)
+                trainings.append((state.exists() and json.loads(state.read_text())["step"] >= cfg.steps,
+                                  ["train", *base, "--seed", str(seed), "--out", str(out), "--group_size", str(group),
+                                   "--data", *[p for p in paths if read_jsonl(p, ())]]))  # empty PQ: left out
+                models.append((method, name, seed, str(out / "checkpoint")))
+    # 5. the trainings of the protocol, then pass@k on the fail@k test split of their dataset (and
+    #    on OlympiadBench, the held-out transfer set, for models trained on MATH)
+    run(trainings)
+    evals = []
+    for method, name, seed, model in models:
+        for test_set in [name] + ([cfg.transfer] if name == "math" else []):
+            out = root / "eval" / f"{method.replace(' ', '_')}_{test_set}_seed{seed}.json"
+            evals.append((out.exists(), ["eval", *base, "--model", model, "--seed", str(seed), "--data",
+                                         fil(test_set, "test"), "--output", str(out), "--method", method,
+                                         "--dataset", test_set]))
+    run(evals)
+    # 6. the report
+    print(render_report([root], root / "report"))
+
+
+# ----- the report: pass@k tables beside the paper's claims, teacher curves, question diversity -----
+
+KS = ["1", "2", "4", "8", "16", "32"]
+METHODS = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PS", "SOAR-PQ", "Upper bound"]
+PAPER_CLAIMS = [  # (dataset, method, against, k, "ratio" or "diff", what the paper reports)
+    ("math", "SOAR-PQ", "Base", "1", "ratio", "~4x"), ("math", "SOAR-PQ", "Base", "32", "ratio", "~2x"),
+    ("math", "SOAR-PQ", "Hard-Only", "32", "diff", "up to +9.3"),
+    ("harp", "SOAR-PQ", "Base", "1", "ratio", "~2x"), ("harp", "SOAR-PQ", "Base", "32", "ratio", "~1.5x"),
+    ("harp", "SOAR-PQ", "Hard-Only", "32", "diff", "up to +4.2"),
+]
+
+
+def question_diversity(questions, max_pairs_of=200, seed=0):
+    """Two dependency-free measures of how varied the teacher's questions are (the paper reports that
+    intrinsic teachers collapse onto a few templates): distinct-2, unique word bigrams / all bigrams
+    pooled over the questions (higher = more varied), and the mean pairwise Jaccard similarity of
+    the questions' bigram sets over at most 200 sampled questions (higher = more alike)."""
+    import re
+    grams = [list(zip(t, t[1:])) for t in (re.findall(r"\w+|[^\w\s]", q.lower()) for q in questions)]
+    pooled = [g for gs in grams for g in gs]
+    sets = [set(grams[i]) for i in random.Random(seed).sample(range(len(grams)), min(max_pairs_of, len(grams)))]
+    sims = [len(a & b) / max(len(a | b), 1) for i, a in enumerate(sets) for b in sets[i + 1:]]
+    return {"n": len(questions), "distinct_2": len(set(pooled)) / max(len(pooled), 1),
+            "jaccard": sum(sims) / len(sims) if sims else 0.0}
+
+
+def render_report(run_dirs, out_dir):
+    """`python soar.py report RUN_DIR...`: out_dir/report.md (+ PNG plots when matplotlib imports)."""
+    import statistics
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}  # (dataset, method) -> [per-seed dicts of pass@k and greedy]
+    for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}):
+        r = json.loads(f.read_text())
+        if not all(k in r for k in ("method", "dataset", "pass_at_k")):
+            raise ValueError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")
+        results.setdefault((r["dataset"], r["method"]), []).append({**r["pass_at_k"], "greedy": r.get("greedy_acc")})
+    values = lambda ds, m, k: [s[k] for s in results.get((ds, m), []) if s.get(k) is not None]
+    mean = lambda v: statistics.fmean(v) if v else None
+    cell = lambda v: "-" if not v else f"{100 * mean(v):.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
+    md = ["# SOAR report", "", "pass@k in percent on each fail@k test split: mean ± std over seeds (n).", ""]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+    for ds in sorted({d for d, _ in results}):
+        methods = sorted({m for d, m in results if d == ds}, key=lambda m: (METHODS + [m]).index(m))
+        md += [f"## {ds}", "", "| method | n | " + " | ".join(f"pass@{k}" for k in KS) + " | greedy |",
+               "|---|---|" + "---|" * (len(KS) + 1)]
+        md += [f"| {m} | {len(results[ds, m])} | " + " | ".join(cell(values(ds, m, k)) for k in KS + ["greedy"]) + " |"
+               for m in methods] + [""]
+        if plt:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for m in methods:
+                ks = [k for k in KS if values(ds, m, k)]
+                ax.errorbar([int(k) for k in ks], [100 * mean(values(ds, m, k)) for k in ks], marker="o", label=m,
+                            yerr=[100 * statistics.stdev(values(ds, m, k)) if len(values(ds, m, k)) > 1 else 0 for k in ks])
+            ax.set(xscale="log", xlabel="k", ylabel="pass@k (%)", title=ds)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out_dir / f"passk_{ds}.png", dpi=120)
+            plt.close(fig)
+    md += ["## The paper's claims beside ours", "", "| dataset | comparison | k | paper | ours |", "|---|---|---|---|---|"]
+    for ds, m, base, k, kind, paper in PAPER_CLAIMS:
+        a, b = mean(values(ds, m, k)), mean(values(ds, base, k))
+        ours = "-" if a is None or b is None else (f"{a / b:.1f}x" if b else "n/a (base is 0)") if kind == "ratio" \
+            else f"{100 * (a - b):+.1f} points"
+        md.append(f"| {ds} | {m} {'/' if kind == 'ratio' else '-'} {base} | {k} | {paper} | {ours} |")
+    md += ["", "## SOAR runs", "", "Question diversity, first to last quarter of outer steps (distinct-2: higher is "
+           "more varied; Jaccard: higher is more alike).", "",
+           "| run | steps | promotions (at steps) | parse rate | distinct-2 | Jaccard |", "|---|---|---|---|---|---|"]
+    for metrics in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/metrics.jsonl")}):
+        rows = read_jsonl(metrics, ())
+        if not rows or "teacher_reward" not in rows[0]:
+            continue  # a `train` run, not a SOAR run
+        name = metrics.parent.name
+        promoted = [r["step"] for r in rows if r["promoted"]]
+        files = sorted((metrics.parent / "questions").glob("step_*.jsonl"))
+        quarter = max(1, len(files) // 4)
+        div = [question_diversity([q["question"] for f in part for q in read_jsonl(f, ()) if q["parsed"]])
+               for part in (files[:quarter], files[-quarter:])]
+        show = lambda key: " -> ".join(f"{d[key]:.2f}" if d["n"] else "-" for d in div)
+        md.append(f"| {name} | {len(rows)} | {len(promoted)} ({', '.join(map(str, promoted)) or '-'}) | "
+                  f"{statistics.fmean(r['parse_rate'] for r in rows):.2f} | {show('distinct_2')} | {show('jaccard')} |")
+        if plt:
+            fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(6, 4.5))
+            steps = [r["step"] for r in rows]
+            top.plot(steps, [r["teacher_reward"] for r in rows], alpha=0.4, label="teacher reward")
+            top.plot(steps, [r["moving_avg"] for r in rows], label="moving average")
+            top.scatter(promoted, [r["moving_avg"] for r in rows if r["promoted"]], color="red", marker="^",
+                        label="promotion", zorder=3)
+            top.legend(fontsize=7)
+            bottom.plot(steps, [r["parse_rate"] for r in rows])
+            bottom.set(xlabel="outer step", ylabel="parse rate")
+            fig.tight_layout()
+            fig.savefig(out_dir / f"teacher_{name}.png", dpi=120)
+            plt.close(fig)
+    md += ["", "Plots: " + (", ".join(sorted(p.name for p in out_dir.glob("*.png"))) if plt
+                            else "skipped (matplotlib is not installed)")]
+    text = "\n".join(md) + "\n"
+    write_atomic(out_dir / "report.md", text)
+    return text
+
+
+# ================================================================================================
 # 8. Bench: sampling and training throughput
 # ================================================================================================
 
@@ -1077,7 +1599,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 
 
 def random_llama_3b(folder):
-    """A Llama-3.2-3B-shaped model with random weights (public config values), for GPU benchmarks."""
+    """A Llama-3.2-3B-shaped model with random weights (its public config) and the character
+    tokenizer, for GPU benchmarks on machines without a model hub."""
     from transformers import LlamaConfig, LlamaForCausalLM
     if not (Path(folder) / "config.json").exists():
         config = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
@@ -1085,6 +1608,7 @@ def random_llama_3b(folder):
                              rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+        char_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -1096,14 +1620,13 @@ def bench(cfg):
     prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?")) for i in range(cfg.bench_prompts)]
     report = {"model": cfg.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads()}
-    policy = None
+    policy = Policy(cfg.model, cfg, HFEngine(tok), cfg.lr, device)  # one trainer; the engines take turns
     for backend in ("vllm", "hf"):
         try:
-            engine = make_engine(dataclasses.replace(cfg, sampler=backend), cfg.model, tok)
+            policy.engine = make_engine(dataclasses.replace(cfg, sampler=backend), cfg.model, tok)
         except ImportError:
             report[f"{backend}_sample_tok_s"] = None
             continue
-        policy = Policy(cfg.model, cfg, engine, cfg.lr, device)
         policy.sample(prompts[:2], 1, 1.0, 8, seed=0)  # warm-up (and the first weight sync)
         start = time.time()
         groups = policy.sample(prompts, 1, 1.0, cfg.max_new_tokens, seed=1)
@@ -1128,8 +1651,9 @@ def bench(cfg):
     if device.type == "cuda":
         c = policy.model.config
         params = sum(p.numel() for p in policy.model.parameters())
-        # model FLOPs per token: 6N for the matmuls (forward + backward) plus attention's 6*L*h*seq/2
-        # (causal); gradient-checkpointing recompute is not counted (that is what MFU means)
+        # model FLOPs per token: 6N for the weights' matmuls (forward + backward) and 12 * layers *
+        # hidden * seq for attention, halved by the causal mask; checkpointing's recompute is not
+        # counted (model FLOPs, not hardware FLOPs)
         flops_per_token = 6 * params + 6 * c.num_hidden_layers * c.hidden_size * L
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in report["device"]), None)
         report.update(params=params, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -1139,7 +1663,7 @@ def bench(cfg):
 
 
 # ================================================================================================
-# 8. Command line
+# 9. Command line
 # ================================================================================================
 
 def main(argv):
@@ -1147,13 +1671,19 @@ def main(argv):
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
+    if command == "report":  # python soar.py report RUN_DIR... [--out FOLDER]
+        out = rest[rest.index("--out") + 1] if "--out" in rest else "report"
+        runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]
+        print(render_report(runs, out))
+        return
     preset = "paper"
     if "--preset" in rest:
         i = rest.index("--preset")
         preset = rest[i + 1]
         rest = rest[:i] + rest[i + 2:]
-    if command == "eval":  # `eval --n N --k 1,2,4` are short for --eval_n and --eval_k
-        rest = ["--eval_n" if a == "--n" else "--eval_k" if a == "--k" else a for a in rest]
+    if command in ("eval", "filter"):  # `--n N --k 1,2,4` (eval) and `--k 128` (filter), as in the paper
+        alias = {"--n": "--eval_n", "--k": "--eval_k" if command == "eval" else "--filter_k"}
+        rest = [alias.get(a, a) for a in rest]
     cfg = make_config(rest, preset)
     if preset == "test" and not cfg.model:
         cfg.model = str(build_tiny_model(Path(cfg.out).parent / "tiny-model"))
@@ -1168,21 +1698,34 @@ def main(argv):
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
         ks = [int(k) for k in cfg.eval_k.split(",")]
         result, _ = evaluate(policy, tok, load_problems(cfg.data), cfg.eval_n, ks, cfg, cfg.seed)
-        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed)
+        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed, method=cfg.method, dataset=cfg.dataset)
         print(json.dumps(result, indent=2))
-    elif command == "bench":
-        bench(cfg)
+        if cfg.output:
+            write_json_atomic(cfg.output, result)
     elif command == "soar":
-        distributed = "RANK" in os.environ  # launched by torchrun: one worker per GPU
-        if distributed:
-            import torch.distributed as dist
+        import torch.distributed as dist
+        launched = "RANK" in os.environ  # by torchrun: one worker per GPU
+        if launched:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         try:
             soar(cfg)
-        finally:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        finally:  # vLLM can have replaced or destroyed the group by now (see README, notes)
+            if launched and dist.is_initialized():
+                with contextlib.suppress(ValueError):
+                    dist.destroy_process_group()
+    elif command == "prepare":
+        prepare(cfg.dataset, cfg.source or None, cfg.data_dir)
+    elif command == "filter":
+        name = cfg.dataset or Path(cfg.data[0]).stem
+        fail_at_k(cfg, cfg.data, cfg.filter_k, str(Path(cfg.out) / "filter" / name), split=name != cfg.transfer)
+    elif command == "questions":
+        sample_questions(cfg, cfg.model, cfg.intrinsic_questions, cfg.output)
+    elif command == "select_ps":
+        select_promoted_student(cfg, cfg.out, load_problems(cfg.data))
+    elif command == "pipeline":
+        pipeline(cfg, preset)
+    elif command == "bench":
+        bench(cfg)
     else:
         raise SystemExit(f"unknown command {command!r}\n{__doc__}")
 

@@ -401,6 +401,15 @@ def test_sequence_logprobs_ignore_padding_and_prompt(tiny):
     lp_a, mask_a = soar.sequence_logprobs(policy.model, [a], [3])
     assert mask[0].sum() == 2 and mask[1].sum() == 4  # response tokens only
     assert torch.allclose(lp_batch[0][mask[0]], lp_a[0][mask_a[0]], atol=1e-5)
+    # the chunked output layer gives the plain full-logits log-probs, and the same gradient
+    reference = policy.model(torch.tensor([b])).logits[0, :-1].log_softmax(-1).gather(-1, torch.tensor(b[1:])[:, None])[:, 0]
+    reference[3:].sum().backward()
+    grad = policy.model.lm_head.weight.grad.clone()
+    policy.model.zero_grad()
+    lp_chunked, mask_b = soar.sequence_logprobs(policy.model, [b], [4], chunk=2)
+    lp_chunked[mask_b].sum().backward()
+    assert torch.allclose(lp_chunked[0][mask_b[0]], reference[3:], atol=1e-5)
+    assert torch.allclose(policy.model.lm_head.weight.grad, grad, atol=1e-5)
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
@@ -408,7 +417,7 @@ def test_sequence_logprobs_ignore_padding_and_prompt(tiny):
 def test_rl_raises_reward_on_a_toy_task(tiny, algo, sampler, request):
     """The grader's reward for "What is 3+4?" (answer 7) rises from ~10% to most samples."""
     engine = request.getfixturevalue("vllm_engine") if sampler == "vllm" else None
-    policy, tok, cfg = make_policy(tiny, engine, algo=algo, group_size=8, lr=1e-3)
+    policy, tok, cfg = make_policy(tiny, engine, algo=algo, group_size=16, lr=1e-3)
     problems = [{"problem": "What is 3+4?", "answer": "7"}] * 8
     rewards = [soar.rl_step(policy, tok, problems, cfg, seed=s)["reward"] for s in range(30)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -439,17 +448,29 @@ def test_vllm_samples_from_the_current_policy(tiny, vllm_engine):
 def test_train_command_writes_metrics_and_resumes(tiny, tmp_path):
     data = tmp_path / "toy.jsonl"
     soar.write_jsonl_atomic(data, [{"problem": f"What is {a}+1?", "answer": str(a + 1)} for a in range(5)])
-    args = ["--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2",
-            "--save_every", "1", "--batch_size", "2", "--group_size", "2"]
-    soar.train(soar.make_config(args, "test"))
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    cfg = soar.make_config(["--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "3",
+                            "--save_every", "1", "--batch_size", "2", "--group_size", "2"], "test")
+    graded = []
+
+    def crash_in_step_2(text, answer):  # the grader, until the third step's grading: a crash there
+        graded.append(text)
+        if len(graded) > 2 * 2 * 2:
+            raise KeyboardInterrupt("simulated crash")
+        return grader.grade(text, answer)
+
+    with pytest.raises(KeyboardInterrupt):
+        soar.train(cfg, reward_fn=crash_in_step_2)
+    rows = lines_of(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]
     for key in ("reward", "solved_share", "kl_sampler", "entropy", "response_len", "sample_tok_s",
                 "sample_s", "train_s"):
         assert key in rows[0]
-    soar.train(soar.make_config(args[:-6] + ["--steps", "3", "--batch_size", "2", "--group_size", "2"], "test"))
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]  # resumed at step 2, nothing repeated
+    assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").exists()  # fp32 weights and AdamW
+    soar.train(cfg)
+    assert [r["step"] for r in lines_of(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2]  # resumed at 2
+    final = tmp_path / "run" / "checkpoint"
+    assert not (final / "trainer_state.pt").exists() and json.loads((final / "run_state.json").read_text())["step"] == 3
+    assert soar.train(cfg) is None  # finished: nothing to do
 
 
 def test_read_jsonl_names_file_line_and_field(tmp_path):
@@ -633,3 +654,199 @@ def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
         assert torch.allclose(u["advantages"], soar.rloo_advantages(torch.tensor(u["rewards"])))
     rows = read_rows(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 2 and not any(r["promoted"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's pipeline: prepare, fail@k, the protocol end to end, the report
+# ------------------------------------------------------------------------------------------------
+
+needs_shared = pytest.mark.skipif(not (SHARED / "math500.jsonl").exists(), reason="../shared/data is absent")
+
+
+def lines_of(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def test_read_jsonl_coerces_numeric_answers(tmp_path):
+    p = tmp_path / "amc.jsonl"
+    p.write_text('{"problem": "a", "answer": 27.0}\n{"problem": "b", "answer": 0.5}\n')
+    assert [r["answer"] for r in soar.read_jsonl(p)] == ["27", "0.5"]  # AMC stores 27.0
+    for bad, msg in [('{"problem": "a", "answer": null}', "'answer'"), ('{"problem": "", "answer": "1"}', "'problem'"),
+                     ('{"problem": "a", "answer": true}', "'answer'"), ('["problem"]', "JSON object")]:
+        p.write_text('{"problem": "ok", "answer": "1"}\n' + bad + "\n")
+        with pytest.raises(ValueError, match=f"amc.jsonl:2: .*{msg}"):
+            soar.read_jsonl(p)
+
+
+def test_atomic_writes_keep_the_old_file_when_serialization_fails(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    soar.write_jsonl_atomic(p, [{"a": 1}])
+    with pytest.raises(TypeError):
+        soar.write_jsonl_atomic(p, [{"a": 2}, {"b": object()}])
+    assert lines_of(p) == [{"a": 1}] and os.listdir(tmp_path) == ["rows.jsonl"]
+
+
+@needs_shared
+def test_prepare_math500_schema_noop_and_rebuild(tmp_path, capsys):
+    src = tmp_path / "math500.jsonl"
+    src.write_text((SHARED / "math500.jsonl").read_text())
+    (path,) = soar.prepare("math", str(src), tmp_path / "data")
+    rows, original = lines_of(path), lines_of(src)
+    assert path.name == "math_test.jsonl" and len(rows) == 500 and len({r["id"] for r in rows}) == 500
+    for r, o in zip(rows, original):
+        assert set(r) == {"id", "problem", "answer", "source", "meta"} and r["source"] == "math"
+        assert r["answer"] == o["answer"] and set(r["meta"]) == {"level", "subject", "split"}
+    # the answers the grader extracts from the solutions agree with the file's answer field
+    assert sum(grader.grade(o["solution"], o["answer"]) for o in original) >= 0.99 * len(original)
+    mtime = path.stat().st_mtime_ns
+    assert soar.prepare("math", str(src), tmp_path / "data") == [path]  # no-op when current
+    assert "up to date" in capsys.readouterr().out and path.stat().st_mtime_ns == mtime
+    with src.open("a") as f:  # a changed source rebuilds
+        f.write(json.dumps({"problem": "1+1?", "solution": "$\\boxed{2}$"}) + "\n")
+    soar.prepare("math", str(src), tmp_path / "data")
+    assert len(lines_of(path)) == 501
+
+
+@needs_shared
+@pytest.mark.parametrize("lineno,broken,field", [(7, "{not json", "JSON"), (12, None, "'problem'")])
+def test_prepare_bad_row_names_file_line_and_field(tmp_path, lineno, broken, field):
+    lines = (SHARED / "math500.jsonl").read_text().splitlines()
+    if broken is None:
+        row = json.loads(lines[lineno - 1])
+        del row["problem"]
+        broken = json.dumps(row)
+    lines[lineno - 1] = broken
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"broken.jsonl:{lineno}: .*{field}"):
+        soar.prepare("math", str(bad), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.jsonl"))  # nothing written half-way
+
+
+def test_prepare_reads_the_release_archives(tmp_path):
+    import io
+    import tarfile
+    import zipfile
+    tar = tmp_path / "MATH.tar"  # the Hendrycks release layout
+    with tarfile.open(tar, "w") as t:
+        for name, obj in {"MATH/train/algebra/1.json": {"problem": "1+1?", "level": "Level 1", "type": "Algebra",
+                                                        "solution": "It is $\\boxed{2}$."},
+                          "MATH/test/algebra/3.json": {"problem": "x?", "level": "Level 2", "type": "Algebra",
+                                                       "solution": "$\\fbox{7}$"},
+                          "MATH/test/algebra/4.json": {"problem": "y?", "type": "Algebra", "solution": "no box"}}.items():
+            data = json.dumps(obj).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    test, train = soar.prepare("math", str(tar), tmp_path / "data")
+    assert [r["answer"] for r in lines_of(train)] == ["2"] and [r["answer"] for r in lines_of(test)] == ["7"]
+    assert json.loads((tmp_path / "data" / "math.meta.json").read_text())["skipped"] == 1
+    harp = tmp_path / "HARP.jsonl.zip"  # HARP: one jsonl member, short-answer problems
+    with zipfile.ZipFile(harp, "w") as z:
+        z.writestr("HARP.jsonl", json.dumps({"year": "2019", "contest": "AMC_10A", "number": 5, "level": 3,
+                                             "subject": "algebra", "problem": "2+3?", "answer": 5}))
+    (path,) = soar.prepare("harp", harp.as_uri(), tmp_path / "data")  # a URL: downloaded, then read
+    assert [(r["id"], r["answer"]) for r in lines_of(path)] == [("2019/AMC_10A/5", "5")]
+    ob = tmp_path / "OlympiadBench.zip"  # OlympiadBench: only the English open-ended math subset
+    with zipfile.ZipFile(ob, "w") as z:
+        z.writestr("data/OE_TO_maths_en_COMP.json", json.dumps(
+            [{"id": 1607, "context": "Let $f(x)=x^2$.", "question": "Roots of $f(x)=1$?", "final_answer": ["$1$", "$-1$"]}]))
+        z.writestr("data/OE_TO_physics_en_COMP.json", "[{}]")
+    (path,) = soar.prepare("olympiadbench", str(ob), tmp_path / "data")
+    assert lines_of(path)[0]["answer"] == "1, -1" and lines_of(path)[0]["problem"].startswith("Let $f(x)")
+    with zipfile.ZipFile(ob, "w") as z:
+        z.writestr("data/OE_TO_maths_en_COMP.json", json.dumps([{"id": 1, "question": "q", "final_answer": []}]))
+    with pytest.raises(ValueError, match=r"OE_TO_maths_en_COMP\.json\[0\]: field 'final_answer'"):
+        soar.prepare("olympiadbench", str(ob), tmp_path / "data2")
+
+
+def test_question_diversity():
+    same = soar.question_diversity(["What is the sum of 2 and 3?"] * 50)
+    varied = soar.question_diversity(["What is the sum of 2 and 3?", "Find the area of a circle of radius 4.",
+                                      "How many primes are below 100?", "Solve x^2 - 5x + 6 = 0."])
+    assert same["jaccard"] == 1.0 and same["distinct_2"] == pytest.approx(1 / 50)
+    assert varied["jaccard"] < 0.2 and varied["distinct_2"] > 0.9
+
+
+def test_report_table_and_claims(tmp_path):
+    import statistics
+    for seed, (p1, p32) in enumerate([(0.1, 0.3), (0.2, 0.4), (0.3, 0.5)]):
+        soar.write_json_atomic(tmp_path / "run" / "eval" / f"base{seed}.json", {
+            "method": "Base", "dataset": "math", "seed": seed, "greedy_acc": p1,
+            "pass_at_k": {"1": p1, "2": p1, "4": p1, "8": p32, "16": p32, "32": p32}})
+    for seed, (p1, p32) in enumerate([(0.4, 0.6), (0.6, 0.7)]):
+        soar.write_json_atomic(tmp_path / "run" / "eval" / f"pq{seed}.json", {
+            "method": "SOAR-PQ", "dataset": "math", "seed": seed, "greedy_acc": p1,
+            "pass_at_k": {"1": p1, "32": p32}})
+    text = soar.render_report([tmp_path / "run"], tmp_path / "report")
+    assert (tmp_path / "report" / "report.md").read_text() == text
+    # Base pass@1 over seeds 10, 20, 30 -> 20.0 ± 10.0 (sample std); pass@32 40.0 ± 10.0
+    assert "| Base | 3 | 20.0 ± 10.0 | 20.0 ± 10.0 | 20.0 ± 10.0 | 40.0 ± 10.0 | 40.0 ± 10.0 | 40.0 ± 10.0 | 20.0 ± 10.0 |" in text
+    assert f"| SOAR-PQ | 2 | 50.0 ± {100 * statistics.stdev([0.4, 0.6]):.1f} | - |" in text
+    assert "| math | SOAR-PQ / Base | 1 | ~4x | 2.5x |" in text and "| math | SOAR-PQ / Base | 32 | ~2x | 1.6x |" in text
+    assert "| harp | SOAR-PQ / Base | 1 | ~2x | - |" in text
+
+
+@needs_shared
+def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
+    """Every stage on tiny models and a few real problems; a second run does nothing."""
+    math500 = lines_of(SHARED / "math500.jsonl")
+    (tmp_path / "MATH").mkdir()
+    soar.write_jsonl_atomic(tmp_path / "MATH" / "train.jsonl", math500[:10])
+    soar.write_jsonl_atomic(tmp_path / "MATH" / "test.jsonl", math500[10:20])
+    amc = lines_of(SHARED / "amc23.jsonl")[:6]  # in OlympiadBench's format, as the transfer set
+    (tmp_path / "OE_TO_maths_en_COMP.json").write_text(json.dumps(
+        [{"id": r["id"], "question": r["question"], "final_answer": [f"${r['answer']}$"]} for r in amc]))
+    argv = ["pipeline", "--preset", "test", "--model", str(tiny), "--out", str(tmp_path / "run"),
+            "--data_dir", str(tmp_path / "data"), "--sources", f"math={tmp_path / 'MATH'}",
+            f"olympiadbench={tmp_path / 'OE_TO_maths_en_COMP.json'}"]
+    soar.main(argv)
+    run = tmp_path / "run"
+    counts = lines_of(run / "filter" / "math_counts.jsonl")
+    assert len(counts) == 20 and all(set(c) == {"id", "successes", "k"} and c["k"] == 2 for c in counts)
+    hard = [c["id"] for c in counts if c["successes"] == 0]
+    split = {p: {r["id"] for r in lines_of(run / "filter" / f"math_{p}.jsonl")} for p in ("train", "val", "test")}
+    assert sorted(set.union(*split.values())) == sorted(hard) and not split["train"] & split["test"]
+    assert len(split["test"]) == len(hard) - len(hard) // 2  # 50/50
+    assert len(lines_of(run / "filter" / "olympiadbench_test.jsonl")) == sum(
+        c["successes"] == 0 for c in lines_of(run / "filter" / "olympiadbench_counts.jsonl"))  # held out: all test
+    for kind in ("soar_math", "intrinsic_math"):
+        assert len(lines_of(run / kind / "metrics.jsonl")) == 3
+    assert json.loads((run / "soar_math" / "promoted_student.json").read_text())["best"]
+    evals = sorted(p.name for p in (run / "eval").glob("*.json"))
+    methods = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PQ", "SOAR-PS", "Upper_bound"]
+    assert evals == sorted(f"{m}_{d}_seed0.json" for m in methods for d in ("math", "olympiadbench"))
+    for f in (run / "eval").glob("*.json"):
+        r = json.loads(f.read_text())
+        assert set(r["pass_at_k"]) == {"1", "2", "4"} and 0 <= r["greedy_acc"] <= 1 and r["n"] == 4
+    report = (run / "report" / "report.md").read_text()
+    assert "| SOAR-PQ | 1 |" in report and "| soar_math | 3 |" in report
+    # a second run finds everything done: no file is rewritten but the report
+    stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts}
+    soar.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts} == stamp
+
+
+def test_fail_at_k_shards_resume_and_split(tiny, toy_train, tmp_path):
+    """Two shards count disjoint problems; the split appears once all are counted; a re-run samples nothing."""
+    prefix = tmp_path / "filter" / "toy"
+    args = ["--model", str(tiny), "--filter_k", "3", "--shards", "2"]
+    first = soar.fail_at_k(soar.make_config(args + ["--shard", "0"], "test"), [toy_train], 3, prefix)
+    assert first is None and not Path(f"{prefix}_test.jsonl").exists()  # shard 1 has not counted yet
+    hard = soar.fail_at_k(soar.make_config(args + ["--shard", "1"], "test"), [toy_train], 3, prefix)
+    c0, c1 = lines_of(f"{prefix}_counts0.jsonl"), lines_of(f"{prefix}_counts1.jsonl")
+    assert len(c0) == 6 and len(c1) == 6 and not {r["id"] for r in c0} & {r["id"] for r in c1}
+    assert [r["id"] for r in hard] == [r["id"] for r in lines_of(f"{prefix}_val.jsonl") +
+                                       lines_of(f"{prefix}_train.jsonl") + lines_of(f"{prefix}_test.jsonl")]
+    assert {r["id"] for r in hard} == {r["id"] for r in c0 + c1 if r["successes"] == 0}
+    stamp = Path(f"{prefix}_counts0.jsonl").stat().st_mtime_ns
+    again = soar.fail_at_k(soar.make_config(["--model", str(tiny)], "test"), [toy_train], 3, prefix)
+    assert again == hard and Path(f"{prefix}_counts0.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_bench_prints_throughput_of_both_samplers(tiny, tmp_path):
+    out = subprocess.run([sys.executable, str(HERE / "soar.py"), "bench", "--preset", "test", "--model", str(tiny),
+                          "--bench_prompts", "4", "--bench_seq_len", "32", "--max_new_tokens", "8"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True).stdout
+    report = json.loads(out[out.index("{"):])
+    assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["train_tok_s"] > 0
