@@ -626,6 +626,8 @@ def policy_update(policy, completions, advantages, cfg):
         if policy.ref is not None:
             with torch.no_grad():
                 ref = sequence_logprobs(policy.ref, seqs, [len(c.prompt_ids) for c, _ in batch])[0]
+                d = (ref - logprobs.detach()) * mask
+                stats["kl_ref"] = stats.get("kl_ref", 0.0) + (torch.exp(d) - d - 1)[mask].sum().item()  # k3
         loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, ref, cfg.kl_beta, max(num_tokens, 1))
         loss.backward()
         m = mask.float()
@@ -638,7 +640,9 @@ def policy_update(policy, completions, advantages, cfg):
         policy.optimizer.step()
         policy.optimizer.zero_grad(set_to_none=True)
         policy.version += 1
-    stats["kl_sampler"] /= max(stats["tokens_trained"], 1)
+    for key in ("kl_sampler", "kl_ref"):
+        if key in stats:
+            stats[key] /= max(stats["tokens_trained"], 1)
     return stats
 
 

@@ -445,6 +445,19 @@ def test_vllm_samples_from_the_current_policy(tiny, vllm_engine):
     assert gap() < 1e-3
 
 
+def test_kl_penalty_to_a_frozen_reference(tiny):
+    policy, tok, cfg = make_policy(tiny, kl_beta=0.1, lr=1e-2)
+    prompt = soar.chat_ids(tok, soar.STUDENT_PROMPT.format(problem="What is 2+2?"))
+    comps = policy.sample([prompt], 8, 1.0, 12, seed=0)[0]
+    first = soar.policy_update(policy, comps, torch.tensor([1.0, -1.0] * 4), cfg)
+    assert first["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # the policy still equals its reference
+    second = soar.policy_update(policy, comps, torch.zeros(8), cfg)
+    assert second["kl_ref"] > 1e-4 and second["tokens_trained"] > 0  # zero advantages: only KL pulls
+    assert all(torch.equal(p, q) for p, q in zip(policy.ref.state_dict().values(),
+                                                 soar.Policy(tiny, cfg, soar.HFEngine(tok), cfg.lr,
+                                                             torch.device("cpu")).ref.state_dict().values()))
+
+
 def test_train_command_writes_metrics_and_resumes(tiny, tmp_path):
     data = tmp_path / "toy.jsonl"
     soar.write_jsonl_atomic(data, [{"problem": f"What is {a}+1?", "answer": str(a + 1)} for a in range(5)])
