@@ -218,26 +218,35 @@ def seed_of(*parts):
 # 2. Data and prompts
 # ================================================================================================
 
-def read_jsonl(path, required=("problem", "answer")):
-    """Problems from a jsonl file. A bad row raises ValueError naming the file, line and field."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def jsonl_rows(text, where):
+    """(location, row) for each non-blank line of jsonl text; invalid JSON raises, naming the line."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
             try:
-                row = json.loads(line)
+                yield f"{where}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in required:
-                value = row.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):  # AMC: 27.0
-                    row[key] = value = str(int(value) if float(value).is_integer() else value)
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{path}:{lineno}: field {key!r} is missing or empty")
-            rows.append(row)
+                raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def text_field(row, key, where):
+    """row[key] as a non-empty string (numbers too: AMC stores 27.0, read as "27"), else ValueError."""
+    value = row.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(int(value) if float(value).is_integer() else value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field {key!r} is missing or empty")
+    return value
+
+
+def read_jsonl(path, required=("problem", "answer")):
+    """Rows of a jsonl file. A bad row raises ValueError naming the file, line and field."""
+    rows = []
+    for where, row in jsonl_rows(Path(path).read_text(encoding="utf-8"), path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            row[key] = text_field(row, key, where)
+        rows.append(row)
     return rows
 
 
@@ -750,7 +759,10 @@ def keep_rows(path, keep):
     """Rewrite a jsonl log keeping only the rows `keep` accepts (used when resuming)."""
     path = Path(path)
     if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a crash can tear the last line
+                rows.append(json.loads(line))
         write_jsonl_atomic(path, [r for r in rows if keep(r)])
 
 
@@ -1133,12 +1145,8 @@ def source_rows(src, name):
     docs = list(source_documents(src))
     for where, member, text in [d for d in docs if Path(d[1]).name == SUBSET.get(name)] or docs:
         if member.endswith(".jsonl"):
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        yield f"{where}:{lineno}", member, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+            for location, row in jsonl_rows(text, where):
+                yield location, member, row
         else:
             try:
                 obj = json.loads(text)
@@ -1150,15 +1158,7 @@ def source_rows(src, name):
 
 def to_schema(name, where, member, row, index):
     """One release row -> (split, {id, problem, answer, source, meta}); errors name the field."""
-    def field(key):
-        value = row.get(key) if isinstance(row, dict) else None
-        if isinstance(value, list):  # OlympiadBench: final_answer = ["$\\frac{1}{2}$", ...]
-            value = ", ".join(str(v).strip().strip("$").strip() for v in value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(int(value) if float(value).is_integer() else value)
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{where}: field {key!r} is missing or empty")
-        return value.strip()
+    field = lambda key: text_field(row, key, where).strip()
     if name == "math":
         answer = row.get("answer") or grader.extract_answer(field("solution"))
         if not answer:
@@ -1172,6 +1172,8 @@ def to_schema(name, where, member, row, index):
         uid = "/".join(str(row.get(k, "")) for k in ("year", "contest", "number"))
         meta = {k: row.get(k) for k in ("level", "subject", "year", "contest")}
         return "all", {"id": uid, "problem": field("problem"), "answer": field("answer"), "source": name, "meta": meta}
+    if isinstance(row.get("final_answer"), list):  # OlympiadBench: ["$\\frac{1}{2}$", ...] -> "\\frac{1}{2}"
+        row["final_answer"] = ", ".join(str(v).strip().strip("$").strip() for v in row["final_answer"])
     problem = ((row.get("context") or "") + "\n\n" + field("question")).strip()
     meta = {k: row.get(k) for k in ("subfield", "answer_type", "unit")}
     return "all", {"id": str(row.get("id", index)), "problem": problem, "answer": field("final_answer"),

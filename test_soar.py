@@ -633,6 +633,8 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     with pytest.raises(KeyboardInterrupt):
         soar.soar(cfg, probe=crash)
     assert len(read_rows(tmp_path / "crashed" / "metrics.jsonl")) in (1, 2)
+    with open(tmp_path / "crashed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "teacher_rew')  # a kill in the middle of an append tears the last line
     soar.soar(soar.make_config(["--resume", str(tmp_path / "crashed")], "test"))
     assert strip_times(read_rows(whole / "metrics.jsonl")) == strip_times(read_rows(tmp_path / "crashed" / "metrics.jsonl"))
     assert read_rows(whole / "promotion_questions.jsonl") == read_rows(tmp_path / "crashed" / "promotion_questions.jsonl")
