@@ -1462,39 +1462,55 @@ def question_diversity(questions, max_pairs_of=200, seed=0):
             "jaccard": sum(sims) / len(sims) if sims else 0.0}
 
 
+def pyplot():
+    """matplotlib's pyplot without a display, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
 def render_report(run_dirs, out_dir):
     """`python soar.py report RUN_DIR...`: out_dir/report.md (+ PNG plots when matplotlib imports)."""
     import statistics
-    out_dir = Path(out_dir)
+    out_dir, plt = Path(out_dir), pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}  # (dataset, method) -> [per-seed dicts of pass@k and greedy]
+    results = {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed
     for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}):
         r = json.loads(f.read_text())
         if not all(k in r for k in ("method", "dataset", "pass_at_k")):
             raise ValueError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")
         results.setdefault((r["dataset"], r["method"]), []).append({**r["pass_at_k"], "greedy": r.get("greedy_acc")})
-    values = lambda ds, m, k: [s[k] for s in results.get((ds, m), []) if s.get(k) is not None]
-    mean = lambda v: statistics.fmean(v) if v else None
-    cell = lambda v: "-" if not v else f"{100 * mean(v):.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
+
+    def values(ds, m, k):  # the seeds' values of pass@k (or "greedy") for one method on one dataset
+        return [seed[k] for seed in results.get((ds, m), []) if seed.get(k) is not None]
+
+    def mean(v):
+        return statistics.fmean(v) if v else None
+
+    def cell(v):  # percent, mean ± sample std over seeds
+        spread = f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else ""
+        return f"{100 * mean(v):.1f}{spread}" if v else "-"
+
     md = ["# SOAR report", "", "pass@k in percent on each fail@k test split: mean ± std over seeds (n).", ""]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
     for ds in sorted({d for d, _ in results}):
         methods = sorted({m for d, m in results if d == ds}, key=lambda m: (METHODS + [m]).index(m))
         md += [f"## {ds}", "", "| method | n | " + " | ".join(f"pass@{k}" for k in KS) + " | greedy |",
                "|---|---|" + "---|" * (len(KS) + 1)]
-        md += [f"| {m} | {len(results[ds, m])} | " + " | ".join(cell(values(ds, m, k)) for k in KS + ["greedy"]) + " |"
-               for m in methods] + [""]
+        for m in methods:
+            md.append(f"| {m} | {len(results[ds, m])} | " + " | ".join(cell(values(ds, m, k)) for k in KS + ["greedy"])
+                      + " |")
+        md.append("")
         if plt:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for m in methods:
                 ks = [k for k in KS if values(ds, m, k)]
-                ax.errorbar([int(k) for k in ks], [100 * mean(values(ds, m, k)) for k in ks], marker="o", label=m,
-                            yerr=[100 * statistics.stdev(values(ds, m, k)) if len(values(ds, m, k)) > 1 else 0 for k in ks])
+                spread = [statistics.stdev(values(ds, m, k)) if len(values(ds, m, k)) > 1 else 0 for k in ks]
+                ax.errorbar([int(k) for k in ks], [100 * mean(values(ds, m, k)) for k in ks],
+                            yerr=[100 * e for e in spread], marker="o", label=m)
             ax.set(xscale="log", xlabel="k", ylabel="pass@k (%)", title=ds)
             ax.legend(fontsize=7)
             fig.tight_layout()
@@ -1503,25 +1519,29 @@ def render_report(run_dirs, out_dir):
     md += ["## The paper's claims beside ours", "", "| dataset | comparison | k | paper | ours |", "|---|---|---|---|---|"]
     for ds, m, base, k, kind, paper in PAPER_CLAIMS:
         a, b = mean(values(ds, m, k)), mean(values(ds, base, k))
-        ours = "-" if a is None or b is None else (f"{a / b:.1f}x" if b else "n/a (base is 0)") if kind == "ratio" \
-            else f"{100 * (a - b):+.1f} points"
+        if a is None or b is None:
+            ours = "-"
+        elif kind == "ratio":
+            ours = f"{a / b:.1f}x" if b else "n/a (base is 0)"
+        else:
+            ours = f"{100 * (a - b):+.1f} points"
         md.append(f"| {ds} | {m} {'/' if kind == 'ratio' else '-'} {base} | {k} | {paper} | {ours} |")
-    md += ["", "## SOAR runs", "", "Question diversity, first to last quarter of outer steps (distinct-2: higher is "
-           "more varied; Jaccard: higher is more alike).", "",
+    md += ["", "## SOAR runs", "", "Question diversity, first to last quarter of outer steps "
+           "(distinct-2: higher is more varied; Jaccard: higher is more alike).", "",
            "| run | steps | promotions (at steps) | parse rate | distinct-2 | Jaccard |", "|---|---|---|---|---|---|"]
     for metrics in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/metrics.jsonl")}):
         rows = read_jsonl(metrics, ())
         if not rows or "teacher_reward" not in rows[0]:
             continue  # a `train` run, not a SOAR run
-        name = metrics.parent.name
-        promoted = [r["step"] for r in rows if r["promoted"]]
+        name, promoted = metrics.parent.name, [r["step"] for r in rows if r["promoted"]]
         files = sorted((metrics.parent / "questions").glob("step_*.jsonl"))
         quarter = max(1, len(files) // 4)
         div = [question_diversity([q["question"] for f in part for q in read_jsonl(f, ()) if q["parsed"]])
                for part in (files[:quarter], files[-quarter:])]
         show = lambda key: " -> ".join(f"{d[key]:.2f}" if d["n"] else "-" for d in div)
+        parse_rate = statistics.fmean(r["parse_rate"] for r in rows)
         md.append(f"| {name} | {len(rows)} | {len(promoted)} ({', '.join(map(str, promoted)) or '-'}) | "
-                  f"{statistics.fmean(r['parse_rate'] for r in rows):.2f} | {show('distinct_2')} | {show('jaccard')} |")
+                  f"{parse_rate:.2f} | {show('distinct_2')} | {show('jaccard')} |")
         if plt:
             fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(6, 4.5))
             steps = [r["step"] for r in rows]
@@ -1535,9 +1555,8 @@ def render_report(run_dirs, out_dir):
             fig.tight_layout()
             fig.savefig(out_dir / f"teacher_{name}.png", dpi=120)
             plt.close(fig)
-    md += ["", "Plots: " + (", ".join(sorted(p.name for p in out_dir.glob("*.png"))) if plt
-                            else "skipped (matplotlib is not installed)")]
-    text = "\n".join(md) + "\n"
+    plots = ", ".join(sorted(p.name for p in out_dir.glob("*.png"))) if plt else "skipped (matplotlib is not installed)"
+    text = "\n".join(md + ["", f"Plots: {plots}"]) + "\n"
     write_atomic(out_dir / "report.md", text)
     return text
 
