@@ -142,7 +142,7 @@ class Config:
 PRESETS = {
     # The paper's setting on one 8-GPU node (Section 4 of the paper; g and r are ours).
     "paper": dict(),
-    # A laptop CPU in ~6 minutes: SmolLM2-135M-Instruct on our own small hard set (data/demo_hard.jsonl).
+    # A laptop CPU in ~5 minutes: SmolLM2-135M-Instruct on our own small hard set (data/demo_hard.jsonl).
     # Its tau: at 135M the measured improvement is almost always exactly 0, so the demo promotes unless
     # the teacher's datasets hurt, to show a promotion. Teacher temperature 0.7: more parseable output.
     "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo_hard.jsonl"], out="runs/demo",
