@@ -542,7 +542,7 @@ def rloo_advantages(rewards):
     return (rewards - rewards.mean(-1, keepdim=True)) * G / (G - 1)  # = r_i - (sum - r_i)/(G-1)
 
 
-def grpo_advantages(rewards, eps=1e-6):
+def grpo_advantages(rewards, eps=1e-6):  # [ours] eps: keeps an all-equal group at 0
     """GRPO: (r_i - group mean) / (group std + eps). rewards: [..., G]; std is the population std."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     mean, std = rewards.mean(-1, keepdim=True), rewards.std(-1, unbiased=False, keepdim=True)
@@ -1414,7 +1414,7 @@ def pipeline(cfg, preset):
             for method, paths in methods.items():
                 out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
                 state = out / "checkpoint" / "run_state.json"
-                group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)
+                group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)  # [paper] 32 and 128
                 trainings.append((state.exists() and json.loads(state.read_text())["step"] >= cfg.steps,
                                   ["train", *base, "--seed", str(seed), "--out", str(out), "--group_size", str(group),
                                    "--data", *[p for p in paths if read_jsonl(p, ())]]))  # empty PQ: left out
