@@ -107,7 +107,7 @@ class Config:
     teacher_lr: float = 1e-6        # [ours]
     teacher_temperature: float = 1.0  # [ours]
     teacher_max_new_tokens: int = 512  # [ours] one problem and its answer fit easily
-    parse_penalty: float = -0.1     # [ours] reward of an unparseable teacher rollout (below any R)
+    parse_penalty: float = -0.1     # [ours] reward of an unparseable rollout: below a useless (R = 0) question
     teacher_reward: str = "grounded"  # [paper] "grounded" (SOAR) or "learnability" (Intrinsic-T)
     learnability_samples: int = 8   # [ours] m, student samples per question for p(1-p)
     eval_max_new_tokens: int = 1024  # [ours] greedy decoding: Q_R, PS selection, `eval`'s greedy accuracy
