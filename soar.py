@@ -60,8 +60,6 @@ except ImportError:  # progress bars are a nicety, never a requirement
     def tqdm(iterable=None, **kwargs):
         return iterable
 
-HERE = Path(__file__).resolve().parent
-
 # ================================================================================================
 # 1. Configuration
 # ================================================================================================
@@ -524,6 +522,12 @@ def recover_checkpoint(folder):
     return folder
 
 
+def committed_step(folder):
+    """The step a checkpoint folder's run_state.json records (0 when there is none)."""
+    saved = Path(folder) / "run_state.json"
+    return json.loads(saved.read_text())["step"] if saved.exists() else 0
+
+
 def load_trainer_state(folder, policy):
     state = torch.load(Path(folder) / "trainer_state.pt", map_location="cpu", weights_only=False)
     policy.optimizer.load_state_dict(state["optimizer"])
@@ -733,8 +737,7 @@ def train(cfg, reward_fn=grader.grade):
     out.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg.data)
     ckpt = recover_checkpoint(out / "checkpoint")
-    saved = ckpt / "run_state.json"
-    step = json.loads(saved.read_text())["step"] if saved.exists() else 0
+    step = committed_step(ckpt)
     if step >= cfg.steps:
         print(f"{ckpt}: finished ({step} steps)")
         return
@@ -1381,8 +1384,7 @@ def pipeline(cfg, preset):
     # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
     for name in cfg.datasets:
         for kind, reward in (("soar", "grounded"), ("intrinsic", "learnability")):
-            state = root / f"{kind}_{name}" / "teacher" / "run_state.json"
-            if state.exists() and json.loads(state.read_text())["step"] >= cfg.outer_steps:
+            if committed_step(root / f"{kind}_{name}" / "teacher") >= cfg.outer_steps:
                 continue
             argv = ["soar", *base, "--data", fil(name, "train"), "--out", str(root / f"{kind}_{name}"),
                     "--teacher_reward", reward]
@@ -1408,16 +1410,16 @@ def pipeline(cfg, preset):
                    "SOAR-PQ": [str(root / f"soar_{name}" / "promotion_questions.jsonl"), fil(name, "train")],
                    "Intrinsic-T": [str(root / f"intrinsic_{name}" / "questions.jsonl"), fil(name, "train")],
                    "Upper bound": [fil(name, "upper"), fil(name, "train")]}
+        methods = {m: [p for p in paths if read_jsonl(p, ())] for m, paths in methods.items()}  # empty PQ: left out
         ps = json.loads((root / f"soar_{name}" / "promoted_student.json").read_text())["best"]
         for seed in range(cfg.seeds):
             models += [("Base", name, seed, cfg.model), ("SOAR-PS", name, seed, ps)]
             for method, paths in methods.items():
                 out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
-                state = out / "checkpoint" / "run_state.json"
                 group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)  # [paper] 32 and 128
-                trainings.append((state.exists() and json.loads(state.read_text())["step"] >= cfg.steps,
+                trainings.append((committed_step(out / "checkpoint") >= cfg.steps,
                                   ["train", *base, "--seed", str(seed), "--out", str(out), "--group_size", str(group),
-                                   "--data", *[p for p in paths if read_jsonl(p, ())]]))  # empty PQ: left out
+                                   "--data", *paths]))
                 models.append((method, name, seed, str(out / "checkpoint")))
     # 5. the trainings of the protocol, then pass@k on the fail@k test split of their dataset (and
     #    on OlympiadBench, the held-out transfer set, for models trained on MATH)
