@@ -64,7 +64,7 @@ def extract_answer(response: str) -> str | None:
 
 # ------------------------------------------------------------------------ 1. normalization
 _REWRITES = [(re.compile(pattern), repl) for pattern, repl in [
-    (r"\\[dt]frac", r"\\frac"),                                   # display variants of \frac
+    (r"\\[dt]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"),          # display variants
     (r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])", ""),  # delimiter sizing
     (r"(?<!\\)\\[,!:; ]|\\q?quad(?![a-zA-Z])|\\displaystyle|~", ""),  # spacing (\\ is a row break)
     (r"\{,\}", ","),                                              # 32{,}348
@@ -219,11 +219,12 @@ def _expression(tokens, closer=None):
             out.append(_OPS[tokens.pop()])
             after_operand = False
         elif tokens[-1] == "^":
+            out.append(_power(tokens))
+        elif tokens[-1] == "!":  # 5! (but not 5!!, nor 10^{4}! and beyond: they would never finish)
             tokens.pop()
-            exponent = _operand(tokens)
-            if "**" in exponent or re.search(r"\d{5}", exponent):
-                raise ValueError("power tower or huge exponent")  # 9^{9^{9}} would never finish
-            out.append("**" + exponent)
+            if not after_operand or tokens[-1:] == ["!"] or re.search(r"\*|\d{4}|factorial", out[-1]):
+                raise ValueError("unsupported factorial")
+            out[-1] = f"factorial({out[-1]})"
         else:
             out += ["*", _operand(tokens)] if after_operand else [_operand(tokens)]
             after_operand = True
@@ -235,22 +236,43 @@ def _operand(tokens):
     """Convert one operand: a number, letter, {group}, (group) or command such as \\frac{a}{b}."""
     t = tokens.pop()
     if t[0] in "0123456789.":
-        return t
+        return re.sub(r"^0+(?=\d)", "", t)  # 025 is 25 (Python reads 025 as an error)
     if t in ("{", "("):
         return "(" + _expression(tokens, "}" if t == "{" else ")") + ")"
     if t == "\\frac":
         return f"({_operand(tokens)})/({_operand(tokens)})"
-    if t == "\\sqrt" and tokens[-1] == "[":  # \sqrt[3]{x}
-        tokens.pop()
-        index = _expression(tokens, "]")
+    if t == "\\sqrt":  # \sqrt{2}, \sqrt[3]{x}
+        index = _expression(tokens, "]") if tokens[-1] == "[" and tokens.pop() else "2"
         return f"root({_operand(tokens)},{index})"
-    if t == "\\sqrt" or t[1:] in _FUNCS:  # \sqrt{2}, \sin x, \cos(2x)
-        return f"{_FUNCS.get(t[1:], 'sqrt')}({_operand(tokens)})"
+    if t == "\\binom":
+        return f"binomial({_operand(tokens)},{_operand(tokens)})"
+    if t == "|":  # |x|
+        return f"Abs({_expression(tokens, '|')})"
+    if t[1:] in _FUNCS:  # \sin x, \cos(2x), \sin^2 x, \sin^{-1} x, \log_2 8
+        name, base, power = _FUNCS[t[1:]], "", ""
+        if name == "log" and tokens[-1] == "_":
+            tokens.pop()
+            base = "," + _operand(tokens)
+        if tokens[-1] == "^":
+            power = _power(tokens)
+            if power == "**(-1)" and name in ("sin", "cos", "tan"):
+                name, power = "a" + name, ""  # the inverse function
+        arg = _operand(tokens)  # a group, or the operands that follow: \sin 2x is sin(2x), not sin(2)x
+        while tokens and arg[0] != "(" and re.fullmatch(r"\^|\w.*|\\(?:pi|frac|sqrt)", tokens[-1]):
+            arg += _power(tokens) if tokens[-1] == "^" else "*" + _operand(tokens)
+        return f"{name}({arg}{base}){power}"
     if t in _NAMES:
         return _NAMES[t]
     if re.fullmatch(r"[a-zA-Z].*", t):  # a letter, maybe with a subscript: x, a_{1}
         return "Symbol('%s')" % re.sub(r"[{}]", "", t)
     raise ValueError(f"unsupported token {t!r}")
+
+def _power(tokens):
+    tokens.pop()  # ^
+    exponent = _operand(tokens)
+    if "**" in exponent or re.search(r"\d{5}", exponent):
+        raise ValueError("power tower or huge exponent")  # 9^{9^{9}} would never finish
+    return "**" + exponent
 
 
 # ------------------------------------------------------------------------ sympy helper process
@@ -308,7 +330,8 @@ def _serve_sympy():
     import sympy
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations
     names = {"__builtins__": {}, **{n: getattr(sympy, n) for n in [
-        "Integer", "Float", "Rational", "Symbol", "sqrt", "root", *_NAMES.values(), *_FUNCS.values()]}}
+        "Integer", "Float", "Rational", "Symbol", "root", "factorial", "binomial", "Abs",
+        *_NAMES.values(), *_FUNCS.values()]}}
     print("ready", flush=True)
     for line in sys.stdin:  # ends when the parent closes the pipe, or exits
         try:
@@ -322,15 +345,17 @@ def _serve_sympy():
 
 def _same_value(a, b, proportional, sympy):
     """In the helper: a == b, or for equations (lhs - rhs) a == c * b with c != 0?  Decided at random
-    points, not by simplify() whose running time is unbounded: a chance agreement is negligible."""
+    points of either sign (so |x| != x), not by simplify() whose running time is unbounded: a chance
+    agreement is negligible."""
     if a.has(sympy.zoo, sympy.nan) or b.has(sympy.zoo, sympy.nan):
         return False  # 1/0 is no answer
     exact = not (a.has(sympy.Float) or b.has(sympy.Float))  # no decimals written: compare strictly
     if not proportional and (a == b or (exact and a.is_Rational and b.is_Rational)):
         return a == b  # a == b also covers oo; exact numbers: 10^{7} + 1 != 10^{7}
     symbols, rng, values = sorted(a.free_symbols | b.free_symbols, key=str), random.Random(0), []
-    for _ in range(4 if symbols else 1):
-        point = {s: sympy.Rational(rng.randint(50, 300), 97) for s in symbols}
+    for k in range(4 if symbols else 1):  # the first two symbols' signs take all four patterns
+        point = {s: sympy.Rational((-1) ** ((k >> (j % 2)) & 1) * rng.randint(50, 300), 97)
+                 for j, s in enumerate(symbols)}
         try:
             va, vb = (complex(e.evalf(30, subs=point)) for e in (a, b))
         except (TypeError, ValueError, OverflowError):

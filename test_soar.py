@@ -159,6 +159,16 @@ CASES = [
     ("\\left(\\begin{pmatrix}1\\\\2\\end{pmatrix}\\right)", "(1,2)", True),
     ("\\dfrac{33}{100}", "0.33", True), ("33\\%", "0.33", False),
     ("\\frac{\\pi}{3}", "60^\\circ", False), ("(A) ", "\\textbf{(A)}", True),
+    # identities that sympy decides within the time limit
+    ("\\sec^2 y", "\\tan^2 y + 1", True), ("\\sin^2 x + \\cos^2 x", "1", True),
+    ("\\sin 2x", "2\\sin x\\cos x", True), ("\\sin^{-1} x", "\\arcsin x", True),
+    ("\\sec^2 y", "\\tan^2 y", False), ("\\sin 2x", "2\\sin x", False),
+    # 5!, |x|, \log_2 8, \binom{n}{k}
+    ("5!", "120", True), ("0!", "1", True), ("5!", "24", False), ("3!!", "720", False), ("|-3|", "3", True),
+    ("|x|", "\\sqrt{x^2}", True), ("|x|", "x", False), ("|x|y", "x|y|", False), ("\\log_2 8", "3", True),
+    ("\\log_{2} 8", "\\frac{\\ln 8}{\\ln 2}", True), ("\\log_3 8", "3", False), ("\\log_2 8", "\\log_8 2", False),
+    ("\\binom{5}{2}", "10", True), ("\\dbinom{6}{3}", "20", True), ("\\binom{n}{2}", "\\frac{n(n-1)}{2}", True),
+    ("\\binom{5}{2}", "\\binom{5}{3}", True), ("\\binom{5}{2}", "20", False), ("025", "|-25|", True),
 ]
 
 
@@ -234,6 +244,8 @@ PATHOLOGICAL = [
     ("\\boxed{(x+1)^{9999}}", "x^{9999}"),
     ("\\boxed{" + "1," * 5_000 + "1}", "1"),
     ("\\boxed{" + "\\sqrt{" * 100 + "2" + "}" * 100 + "}", "2"),
+    ("\\boxed{" + "5!" * 2_000 + "}", "1"), ("\\boxed{99999!}", "1"), ("\\boxed{\\binom{10^{9}}{10^{8}}}", "1"),
+    ("\\boxed{" + "|x" * 3_000 + "|" * 3_000 + "}", "x"), ("\\boxed{" + "\\sin^" * 2_000 + "x}", "1"),
 ]
 
 
