@@ -63,12 +63,15 @@ def extract_answer(response: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ 1. normalization
+_RELATIONS = {"ge": "≥", "le": "≤", "ne": "≠", "gt": ">", "lt": "<", ">=": "≥", "<=": "≤", "!=": "≠"}
 _REWRITES = [(re.compile(pattern), repl) for pattern, repl in [
     (r"\\[dt]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"),          # display variants
     (r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])", ""),  # delimiter sizing
     (r"(?<!\\)\\[,!:; ]|\\q?quad(?![a-zA-Z])|\\displaystyle|~", ""),  # spacing (\\ is a row break)
     (r"\{,\}", ","),                                              # 32{,}348
     (r"\\?\$|\\?%", ""),                                          # math mode, dollars, percent
+    # one relation sign for each relation: \geq, \ge, \geqslant, >= -> ≥; \gt -> >; \neq, != -> ≠
+    (r"\\([gl][et]|ne)(?:qq|qslant|q)?(?![a-zA-Z])|([<>!]=)", lambda m: _RELATIONS[m[1] or m[2]]),
     (r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", ""), # degrees
     (r"\\(?:text|mbox)\{\s*(?:and|or)\s*\}", ","),                # "1 \text{ or } 2" is a list
     # a word in \text{} right after a number is a unit: 5\text{ cm}, 864\mbox{ inches}^2
@@ -110,6 +113,8 @@ def _to_number(s):
 _MATRIX = re.compile(r"\\begin\{[pbvBV]?matrix\}(.*)\\end\{[pbvBV]?matrix\}", re.S)
 _VAR = re.compile(r"[a-zA-Z](?:_\{\w+\})?|\\[a-zA-Z]+")  # x, a_{1}, \theta
 _PM = re.compile(r"\\pm(?![a-zA-Z])")
+_REL = re.compile("([<>≤≥≠])")  # relations after _normalize; a capturing group: split keeps them
+_FLIP = dict(zip("<>≤≥≠", "><≥≤≠"))  # a < b is b > a
 
 def _split_top(s, sep):
     """Split s at each `sep` that is not inside (), [] or {}."""
@@ -153,12 +158,12 @@ def _equal(a, b, depth, budget):
         return True
     if depth > 8 or not a or not b:
         return False
+    if _REL.search(a) or _REL.search(b):
+        if (same := _relations_equal(a, b, depth, budget)) is not None:
+            return same
     ea, eb = (p if len(p := _split_top(x, "=")) == 2 else None for x in (a, b))
     if ea and eb and not (ea[0] == eb[0] and _VAR.fullmatch(ea[0])):
-        # Two equations (lines, planes): equal when their lhs - rhs are nonzero multiples.
-        sides = [_to_python(x) for x in (*ea, *eb)]
-        return None not in sides and _HELPER.ask(
-            [f"({sides[0]})-({sides[1]})", f"({sides[2]})-({sides[3]})", "eq"], budget)
+        return _multiples(*ea, *eb, "eq", budget)  # two equations (lines, planes)
     # Drop a leading variable: "x = 5" answers "5", and y = 2x+1 vs y = 1+2x compares 2x+1, 1+2x.
     a, b = (e[1] if e and _VAR.fullmatch(e[0]) else x for x, e in ((a, ea), (b, eb)))
     sa, sb = _structure(a), _structure(b)
@@ -177,6 +182,48 @@ def _equal(a, b, depth, budget):
         return False  # an ordered pair is not a list of solutions, and [1,2) != (1,2)
     xs, ys = sa[-1], sb[-1]
     return len(xs) == len(ys) and all(_equal(x, y, depth + 1, budget) for x, y in zip(xs, ys))
+
+def _one_variable(s):
+    """x > 2, 5 ≤ x, -x < 1, -2 ≤ x < 7, x ≠ 3 as (x, the interval or union they define), else None."""
+    p = _REL.split(s)  # term, relation, term[, relation, term]
+    at = [i for i in range(0, len(p), 2)
+          if _VAR.fullmatch(v := p[i].removeprefix("-")) and v not in _NAMES]
+    if len(p) not in (3, 5) or len(at) != 1:
+        return None
+    k, var, bounds = at[0], p[at[0]].removeprefix("-"), {">": ("-\\infty", 0), "<": ("\\infty", 0)}
+    for j in [j for j in (k - 1, k + 1) if 0 < j < len(p)]:  # x's relations, read as "x op c"
+        op, c = (_FLIP[p[j]], p[j - 1]) if j < k else (p[j], p[j + 1])
+        if not c or "," in c or var in _VAR.findall(c):
+            return None
+        if p[k][0] == "-":  # -x > c is x < -c
+            op, c = _FLIP[op], c[1:] if re.fullmatch(r"-[^-+]+", c) else f"-({c})"
+        if op == "≠":
+            return (var, f"(-\\infty,{c})\\cup({c},\\infty)") if len(p) == 3 else None
+        bounds[">" if op in ">≥" else "<"] = c, op in "≤≥"
+    (lo, lo_closed), (hi, hi_closed) = bounds[">"], bounds["<"]
+    if len(p) == 5 and (p[1] in "<≤") != (p[3] in "<≤") or (
+            (x := _to_number(lo)) and (y := _to_number(hi)) and x[0] >= y[0]):
+        return None  # 1 < x > 2 bounds one side twice; 8 < x < -2 is empty, not the point (8, -2)
+    return var, "([" [lo_closed] + lo + "," + hi + ")]"[hi_closed]
+
+def _relations_equal(a, b, depth, budget):
+    r"""Inequalities, or None for lists of them. In one variable they are the intervals they define:
+    x ≥ 5 = [5, \infty) = 5 ≤ x = -x ≤ -5 (a bare interval names no variable; x > 5 is not y > 5).
+    Else both sides' differences are positive multiples: y > 2x + 1 = 2x - y + 1 < 0, 2x > 4 = x > 2."""
+    ra, rb = _one_variable(a), _one_variable(b)
+    if ra and rb:
+        return ra[0] == rb[0] and _equal(ra[1], rb[1], depth + 1, budget)
+    if (ra or rb) and not _REL.search(b if ra else a):
+        return _equal((ra or rb)[1], b if ra else a, depth + 1, budget)
+    if len(pa := _REL.split(a)) != 3 or len(pb := _REL.split(b)) != 3:
+        return None  # lists of relations (x < 2 or x > 3) are compared item by item
+    (l1, o1, r1), (l2, o2, r2) = (p if p[1] in ">≥≠" else (p[2], _FLIP[p[1]], p[0]) for p in (pa, pb))
+    return o1 == o2 and _multiples(l1, r1, l2, r2, "eq" if o1 == "≠" else "gt", budget)
+
+def _multiples(l1, r1, l2, r2, mode, budget):
+    """Are l1 - r1 and l2 - r2 nonzero ("eq") or positive ("gt") multiples of each other?"""
+    d1, d2 = _to_python(f"{l1}-({r1})"), _to_python(f"{l2}-({r2})")
+    return None not in (d1, d2) and _HELPER.ask([d1, d2, mode], budget)
 
 def _atoms_equal(a, b, budget):
     if a == b:
@@ -338,19 +385,19 @@ def _serve_sympy():
             a, b, mode = json.loads(line)
             a, b = (parse_expr(x, global_dict=dict(names), transformations=standard_transformations)
                     for x in (a, b))
-            ok = _same_value(a, b, mode == "eq", sympy)
+            ok = _same_value(a, b, mode, sympy)
         except Exception:  # noqa: BLE001 - any failure means "not shown equal"
             ok = False
         print("1" if ok else "0", flush=True)
 
-def _same_value(a, b, proportional, sympy):
-    """In the helper: a == b, or for equations (lhs - rhs) a == c * b with c != 0?  Decided at random
-    points of either sign (so |x| != x), not by simplify() whose running time is unbounded: a chance
-    agreement is negligible."""
+def _same_value(a, b, mode, sympy):
+    """In the helper: a == b ("expr"), or a == c * b with c != 0 ("eq": equations' lhs - rhs) or with
+    c > 0 ("gt": inequalities')?  Decided at random points of either sign (so |x| != x), not by
+    simplify() whose running time is unbounded: a chance agreement is negligible."""
     if a.has(sympy.zoo, sympy.nan) or b.has(sympy.zoo, sympy.nan):
         return False  # 1/0 is no answer
     exact = not (a.has(sympy.Float) or b.has(sympy.Float))  # no decimals written: compare strictly
-    if not proportional and (a == b or (exact and a.is_Rational and b.is_Rational)):
+    if mode == "expr" and (a == b or (exact and a.is_Rational and b.is_Rational)):
         return a == b  # a == b also covers oo; exact numbers: 10^{7} + 1 != 10^{7}
     symbols, rng, values = sorted(a.free_symbols | b.free_symbols, key=str), random.Random(0), []
     for k in range(4 if symbols else 1):  # the first two symbols' signs take all four patterns
@@ -362,10 +409,13 @@ def _same_value(a, b, proportional, sympy):
             continue
         if cmath.isfinite(va) and cmath.isfinite(vb):
             values.append((va, vb))
-    if proportional:  # a = c * b: the ratio a / b is the same nonzero c at every point
+    if mode != "expr":  # a = c * b: the ratio a / b is the same nonzero c at every point
         if not values or any(va * vb == 0 for va, vb in values):
             return False
-        values = [(va / vb, values[0][0] / values[0][1]) for va, vb in values]
+        c = values[0][0] / values[0][1]
+        if mode == "gt" and not (c.real > 0 and abs(c.imag) <= 1e-9 * abs(c)):
+            return False  # x > 2 is not x < 2, the relation read the other way round
+        values = [(va / vb, c) for va, vb in values]
     tol = 1e-12 if exact else REL_TOL
     return bool(values) and all(abs(u - v) <= tol * max(abs(u), abs(v), 1e-10) for u, v in values)
 

@@ -169,6 +169,20 @@ CASES = [
     ("\\log_{2} 8", "\\frac{\\ln 8}{\\ln 2}", True), ("\\log_3 8", "3", False), ("\\log_2 8", "\\log_8 2", False),
     ("\\binom{5}{2}", "10", True), ("\\dbinom{6}{3}", "20", True), ("\\binom{n}{2}", "\\frac{n(n-1)}{2}", True),
     ("\\binom{5}{2}", "\\binom{5}{3}", True), ("\\binom{5}{2}", "20", False), ("025", "|-25|", True),
+    # inequalities: every spelling, sides swapped or negated, chains against intervals
+    ("x \\geq 5", "x \\ge 5", True), ("x >= 5", "x \\geqslant 5", True), ("x \\gt 5", "x > 5", True),
+    ("x \\lt 5", "x<5", True), ("x \\leq 5", "x <= 5", True), ("x \\neq 5", "x != 5", True),
+    ("x \\ne 5", "x \\neq 5", True), ("5 \\leq x", "x \\geq 5", True), ("-x > -1", "x < 1", True),
+    ("-x \\le 5", "x \\ge -5", True), ("-2 \\le x \\le 7", "x \\in [-2,7]", True),
+    ("-2 \\le x \\le 7", "[-2, 7]", True), ("7 \\ge x > -2", "(-2,7]", True),
+    ("x \\geq 5", "[5, \\infty)", True), ("x < \\frac12", "(-\\infty, 0.5)", True),
+    ("x \\neq 3", "(-\\infty,3)\\cup(3,\\infty)", True),
+    ("x < 2 \\text{ or } x > 3", "(-\\infty, 2) \\cup (3, \\infty)", True),
+    ("2x > 4", "x > 2", True), ("y > 2x + 1", "2x - y + 1 < 0", True), ("a < x", "x > a", True),
+    ("x \\geq 5", "x > 5", False), ("x \\geq 5", "x \\le 5", False), ("x \\geq 5", "(5, \\infty)", False),
+    ("x \\geq 5", "5", False), ("x > 5", "y > 5", False), ("-x > -1", "x > 1", False),
+    ("2x > 4", "x < 2", False), ("-2 \\le x \\le 7", "[-2, 7)", False), ("8 < x < -2", "(8,-2)", False),
+    ("1 < x > 2", "(1, 2)", False), ("x \\neq 3", "(-\\infty,3)", False), ("x=5", "x \\ge 5", False),
 ]
 
 
@@ -246,6 +260,7 @@ PATHOLOGICAL = [
     ("\\boxed{" + "\\sqrt{" * 100 + "2" + "}" * 100 + "}", "2"),
     ("\\boxed{" + "5!" * 2_000 + "}", "1"), ("\\boxed{99999!}", "1"), ("\\boxed{\\binom{10^{9}}{10^{8}}}", "1"),
     ("\\boxed{" + "|x" * 3_000 + "|" * 3_000 + "}", "x"), ("\\boxed{" + "\\sin^" * 2_000 + "x}", "1"),
+    ("\\boxed{" + "x<" * 5_000 + "1}", "x<1"),
 ]
 
 
