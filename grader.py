@@ -63,23 +63,25 @@ def extract_answer(response: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ 1. normalization
+_TEXT = r"\\(?:text(?:normal|rm|bf|it)?|mbox|math(?:rm|bf|it)|boldsymbol|operatorname)\s*\{"
 _RELATIONS = {"ge": "≥", "le": "≤", "ne": "≠", "gt": ">", "lt": "<", ">=": "≥", "<=": "≤", "!=": "≠"}
 _REWRITES = [(re.compile(pattern), repl) for pattern, repl in [
-    (r"\\[dt]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"),          # display variants
+    (r"\\[dtc]frac(?:\[[lrc]\])?", r"\\frac"), (r"\\[dt]binom", r"\\binom"),  # display variants
     (r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])", ""),  # delimiter sizing
     (r"(?<!\\)\\[,!:; ]|\\q?quad(?![a-zA-Z])|\\displaystyle|~", ""),  # spacing (\\ is a row break)
-    (r"\{,\}", ","),                                              # 32{,}348
-    (r"\\?\$|\\?%", ""),                                          # math mode, dollars, percent
+    (r"\{,\}", ","), (r"\\mp(?![a-zA-Z])", r"\\pm"),                # 32{,}348; \mp as \pm
+    (r"\\?\$|\\?%|(?<=[\d}.])\s*(?:per ?cent(?:age)?|pct)(?![a-zA-Z])", ""),  # $, 50\%, 50 percent
     # one relation sign for each relation: \geq, \ge, \geqslant, >= -> ≥; \gt -> >; \neq, != -> ≠
     (r"\\([gl][et]|ne)(?:qq|qslant|q)?(?![a-zA-Z])|([<>!]=)", lambda m: _RELATIONS[m[1] or m[2]]),
     (r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", ""), # degrees
     (r"\\(?:text|mbox)\{\s*(?:and|or)\s*\}", ","),                # "1 \text{ or } 2" is a list
-    # a word in \text{} right after a number is a unit: 5\text{ cm}, 864\mbox{ inches}^2
-    (r"(?<=[\d}).])\s*\\(?:text|mbox)\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?", ""),
-    (r"\\mp(?![a-zA-Z])", r"\\pm"),
+    # a word in \text{} (\mathrm{}, ...) after a number is a unit: 5\text{ cm}, 3\mbox{ in}^2 (not e, i)
+    (r"(?<=[\d}).])\s*" + _TEXT + r"\s*(?![ei]\s*\})[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?", ""),
     (r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)\s*\\in(?![a-zA-Z])", ""),     # "x \in [1, 2]"
+    # \left[\begin{array}{cc} ... \end{array}\right] is a matrix (_structure drops the brackets)
+    (r"(\\begin)\{array\}\{[^{}]*\}|(\\end)\{array\}", r"\1\2{matrix}"),
 ]]
-_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|mathbf|mathit|boldsymbol|operatorname)\s*\{")
+_WRAPPER = re.compile(_TEXT)  # \text{...} and the like
 
 def _normalize(s):
     """Rewrite an answer into a canonical string, with regexes only (cheap)."""
@@ -134,8 +136,8 @@ def _enclosed(s):  # (1,2] is enclosed by its first bracket, (1)(2) is not
 def _structure(s):
     """("atom", s), ("set", items) for unordered lists of solutions and unions, or
     ("tuple", brackets, items) for ordered points, intervals, vectors and matrices."""
-    while s[:1] == "(" and _enclosed(s) and len(_split_top(s[1:-1], ",")) == 1:
-        s = s[1:-1]  # (113) and (B) are just parenthesized
+    while s[:1] in ("(", "[") and _enclosed(s) and len(_split_top(s[1:-1], ",")) == 1:
+        s = s[1:-1]  # (113), (B) and [matrix] are just bracketed
     if m := _MATRIX.fullmatch(s):
         rows = [_split_top(r, "&") for r in _split_top(m[1], "\\\\") if r]
         if len(rows) == 1 or all(len(r) == 1 for r in rows):  # a vector is the tuple (a, b, c)

@@ -183,6 +183,17 @@ CASES = [
     ("x \\geq 5", "5", False), ("x > 5", "y > 5", False), ("-x > -1", "x > 1", False),
     ("2x > 4", "x < 2", False), ("-2 \\le x \\le 7", "[-2, 7)", False), ("8 < x < -2", "(8,-2)", False),
     ("1 < x > 2", "(1, 2)", False), ("x \\neq 3", "(-\\infty,3)", False), ("x=5", "x \\ge 5", False),
+    # \cfrac; units in any text command; percent words (dropped like the % sign)
+    ("\\cfrac{1}{2}", "0.5", True), ("\\cfrac{3}{\\sqrt{2}}", "\\frac{3\\sqrt2}{2}", True),
+    ("\\cfrac{1}{3}", "0.5", False), ("5 \\textnormal{ cm}", "5", True), ("5\\,\\mathrm{cm}", "5", True),
+    ("5 \\operatorname{cm}", "5", True), ("12 \\textbf{ meters}", "12", True), ("5 \\mathrm{cm}", "6", False),
+    ("3 + 2\\mathrm{i}", "3+2i", True), ("2\\mathrm{e}", "2", False), ("50 percent", "50\\%", True),
+    ("50 \\text{ percent}", "50", True), ("50 pct", "50", True), ("50 percentage", "50", True),
+    ("50 percent", "0.5", False), ("51 percent", "50", False),
+    # matrices written as arrays
+    ("\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+    ("\\left(\\begin{array}{c} 1 \\\\ 2 \\end{array}\\right)", "(1,2)", True),
+    ("\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]", "\\begin{pmatrix}1&2\\\\4&3\\end{pmatrix}", False),
 ]
 
 
