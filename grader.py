@@ -73,7 +73,9 @@ _REWRITES = [(re.compile(pattern), repl) for pattern, repl in [
     (r"\\?\$|\\?%|(?<=[\d}.])\s*(?:per ?cent(?:age)?|pct)(?![a-zA-Z])", ""),  # $, 50\%, 50 percent
     # one relation sign for each relation: \geq, \ge, \geqslant, >= -> ≥; \gt -> >; \neq, != -> ≠
     (r"\\([gl][et]|ne)(?:qq|qslant|q)?(?![a-zA-Z])|([<>!]=)", lambda m: _RELATIONS[m[1] or m[2]]),
-    (r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", ""), # degrees
+    # a degree mark stays, as ° (see _atoms_equal): 30^\circ, 30^{\circ}, 30\degree, 30 \text{ degrees}
+    (r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree(?![a-zA-Z])|(?<=[\d}])\s*" + _TEXT
+     + r"\s*degrees?\s*\}", "°"),
     (r"\\(?:text|mbox)\{\s*(?:and|or)\s*\}", ","),                # "1 \text{ or } 2" is a list
     # a word in \text{} (\mathrm{}, ...) after a number is a unit: 5\text{ cm}, 3\mbox{ in}^2 (not e, i)
     (r"(?<=[\d}).])\s*" + _TEXT + r"\s*(?![ei]\s*\})[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?", ""),
@@ -230,6 +232,11 @@ def _multiples(l1, r1, l2, r2, mode, budget):
 def _atoms_equal(a, b, budget):
     if a == b:
         return True
+    if "°" in a + b:  # a degree mark is a unit: 30° = 30; and 60° = \frac{\pi}{3}, the same in radians
+        da, db, a, b = "°" in a, "°" in b, a.replace("°", ""), b.replace("°", "")
+        if da != db and "\\pi" in (b if da else a):
+            a, b = (f"\\frac{{{a}}}{{180}}\\pi", b) if da else (a, f"\\frac{{{b}}}{{180}}\\pi")
+        return _atoms_equal(a, b, budget)
     if re.fullmatch(r"[A-Za-z ]+", a) and re.fullmatch(r"[A-Za-z ]+", b):
         return a.casefold() == b.casefold()  # text answers and choice letters
     if (x := _to_number(a)) and (y := _to_number(b)):

@@ -158,7 +158,7 @@ CASES = [
     ("(2\\frac12, 3)", "(2.5,3)", True),
     ("\\left(\\begin{pmatrix}1\\\\2\\end{pmatrix}\\right)", "(1,2)", True),
     ("\\dfrac{33}{100}", "0.33", True), ("33\\%", "0.33", False),
-    ("\\frac{\\pi}{3}", "60^\\circ", False), ("(A) ", "\\textbf{(A)}", True),
+    ("(A) ", "\\textbf{(A)}", True),
     # identities that sympy decides within the time limit
     ("\\sec^2 y", "\\tan^2 y + 1", True), ("\\sin^2 x + \\cos^2 x", "1", True),
     ("\\sin 2x", "2\\sin x\\cos x", True), ("\\sin^{-1} x", "\\arcsin x", True),
@@ -194,6 +194,11 @@ CASES = [
     ("\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
     ("\\left(\\begin{array}{c} 1 \\\\ 2 \\end{array}\\right)", "(1,2)", True),
     ("\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]", "\\begin{pmatrix}1&2\\\\4&3\\end{pmatrix}", False),
+    # degrees: the mark is a unit (60° = 60), and an angle with \pi is in radians (60° = π/3); a bare
+    # number names no unit, so π/3 is not 60
+    ("\\frac{\\pi}{3}", "60^\\circ", True), ("180^\\circ", "\\pi", True), ("60\\degree", "60", True),
+    ("30 \\text{ degrees}", "\\frac{\\pi}{6}", True), ("\\frac{\\pi}{6}", "60^\\circ", False),
+    ("\\frac{\\pi}{3}", "60", False),
 ]
 
 
