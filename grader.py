@@ -49,17 +49,22 @@ def _closing(s, i, opening="{", closing="}"):
         i += 1
     return None
 
+_BOX_ARG = re.compile(r"\s*(?:(\{)|[^\s$]+)")  # a box's {argument}, or a word up to a space or $
+_LIST_GAP = re.compile(r"(?:\s|[,;$]|\\[,;: ]|\\q?quad|\\text\{\s*and\s*\}|and)*")  # not "or"
+
 def extract_answer(response: str) -> str | None:
-    r"""Content of the last \boxed{...} (or \fbox, \framebox), nested braces matched; `\boxed 5`
-    takes the text up to the next `$` or space. None if there is no box or it never closes."""
-    boxes = list(_BOX.finditer(response)) if isinstance(response, str) else []
-    if not boxes:
-        return None
-    rest = response[boxes[-1].end():].lstrip()
-    if not rest.startswith("{"):
-        return re.match(r"[^\s$]*", rest).group(0) or None
-    end = _closing(rest, 0)
-    return None if end is None else rest[1:end].strip()
+    r"""Content of the last \boxed{...} (or \fbox, \framebox; `\boxed 5` reads up to the next space
+    or `$`), with the boxes right before it that only commas, "and" or spaces separate: "\boxed{1}
+    and \boxed{2}" is the list "1, 2". None if there is no box or the last one never closes."""
+    text, answers, start = response if isinstance(response, str) else "", [], None
+    for m in reversed(list(_BOX.finditer(text))):
+        arg = _BOX_ARG.match(text, m.end())
+        end = arg and (_closing(text, arg.start(1)) if arg[1] else arg.end() - 1)  # last character
+        if end is None or answers and not (end < start and _LIST_GAP.fullmatch(text, end + 1, start)):
+            break  # each scan stops at its box's end: linear in all
+        answers.append(text[arg.start(1) + 1:end].strip() if arg[1] else arg[0].strip())
+        start = m.start()
+    return ", ".join(answers[::-1]) if answers else None
 
 
 # ------------------------------------------------------------------------ 1. normalization

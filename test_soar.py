@@ -227,12 +227,26 @@ EXTRACT_CASES = [
     ("", None),
     ("\\boxed{}", ""),
     ("\\boxedx{3}", None),
+    ("\\boxed{1}\\boxed{2}", "1, 2"),  # boxes that only commas, "and" or spaces separate: one list
+    ("$\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "1, 2, 3"),
+    ("\\boxed{1} or \\boxed{2}", "2"),  # any other text between them: the last box
+    ("\\boxed{1}, so the answer is \\boxed{2}", "2"),
 ]
 
 
 @pytest.mark.parametrize("response, expected", EXTRACT_CASES)
 def test_extract_answer(response, expected):
     assert grader.extract_answer(response) == expected
+
+
+def test_several_boxes_are_a_list():
+    assert grader.grade("so $x = \\boxed{-2}$ and $\\boxed{1}$.", "1, -2") == 1.0
+    assert grader.grade(boxed("2, 1"), "\\boxed{1}\\boxed{2}") == 1.0  # a gold answer of several boxes
+    assert grader.grade(boxed("2"), "\\boxed{1}\\boxed{2}") == 0.0  # one of two is not the answer
+    assert grader.grade("\\boxed{1}, \\boxed{2}", "2") == 0.0
+    # "or" offers alternatives: the last box counts (MATH-500 writes one answer twice this way)
+    assert grader.grade("$\\boxed{15\\frac{39}{40}}$, or $\\boxed{\\frac{639}{40}}$", "\\frac{639}{40}") == 1.0
+    assert grader.grade("\\boxed{3} or \\boxed{4}", "3, 4") == 0.0
 
 
 def test_grade_unboxed_response_gets_zero_and_gold_may_be_boxed():
@@ -277,6 +291,8 @@ PATHOLOGICAL = [
     ("\\boxed{" + "5!" * 2_000 + "}", "1"), ("\\boxed{99999!}", "1"), ("\\boxed{\\binom{10^{9}}{10^{8}}}", "1"),
     ("\\boxed{" + "|x" * 3_000 + "|" * 3_000 + "}", "x"), ("\\boxed{" + "\\sin^" * 2_000 + "x}", "1"),
     ("\\boxed{" + "x<" * 5_000 + "1}", "x<1"),
+    ("\\boxed{1}, " * 20_000, "1"),  # boxes joined into one long list
+    ("\\boxed{" * 5_000 + "}" * 5_000, "1"), ("\\boxed{{}" * 20_000, "1"), ("\\boxed " * 20_000, "1"),
 ]
 
 
