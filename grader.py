@@ -1,18 +1,21 @@
 r"""Math answer grading: every RL reward in this project is grade(response, gold).
 
-    extract_answer(response) -> str | None   content of the last \boxed{...} of a response
+    extract_answer(response) -> str | None   the final \boxed{...} answer of a response
     is_equiv(pred, gold) -> bool             are two final answers the same?
     grade(response, gold) -> float           1.0 or 0.0
 
 is_equiv tries the cheapest test first, in the numbered sections below (1. normalize, 2. plain
-numbers, 3. tuples, intervals and lists of solutions, 4. sympy, run in a helper subprocess under
-a time limit); most answers never reach sympy. Choices:
-  * numbers compare exactly (1000 != 1001), with a relative tolerance (REL_TOL) only when a
-    decimal point was written (0.5 == 1/2, but 0.333 != 1/3); "1,000" is one thousand;
-  * the % sign is dropped: 50\% == 50, but != 0.5 (0.5 does not answer "what percent?");
+numbers, 3. tuples, intervals, lists and inequalities, 4. sympy, run in a helper subprocess under
+a time limit); most answers never reach sympy. Choices (README.md gives the reasons):
+  * numbers compare exactly (1000 != 1001); a written decimal matches when right to 6 significant
+    digits (0.5 == 1/2, 0.166667 == 1/6, 0.33 != 1/3); "1,000" is one thousand, "1,5" the list 1, 5;
+  * units are dropped, and so are % and "percent": 50\% == 50 != 0.5; a degree mark is a unit too,
+    but 60^\circ == \frac{\pi}{3}, the same angle in radians (a bare 60 is not);
   * "x = 5" == "5"; equations match when one is a nonzero multiple of the other (y = 2x + 1 and
-    2x - y + 1 = 0); text answers and multiple-choice letters compare case-insensitively;
-  * no fallback to "the last number in the response": a lenient extractor is a reward hack;
+    2x - y + 1 = 0), inequalities a positive one; an inequality in one variable is the interval it
+    defines (-2 \le x < 7 == [-2, 7)); text and choice letters compare case-insensitively;
+  * boxes that only commas or "and" separate are one list; else the last box is the answer. No
+    fallback to "the last number in the response": a lenient extractor is a reward hack;
   * nothing raises and nothing hangs: malformed input is simply wrong.
 """
 import atexit
@@ -30,7 +33,7 @@ from fractions import Fraction
 
 SYMPY_TIMEOUT_S = 1.0     # sympy time allowed for one is_equiv call, all its comparisons together
 STARTUP_TIMEOUT_S = 60.0  # one-off start of the sympy helper (importing sympy); not counted above
-REL_TOL = 1e-6            # relative tolerance when an answer is a (possibly rounded) decimal
+REL_TOL = Fraction(5, 10**6)  # relative error of a decimal rounded to 6 significant digits
 MAX_ANSWER_CHARS = 1000   # longer answers must match exactly: no real answer is this long
 MAX_SYMPY_CHARS = 300     # longer expressions are never sent to sympy
 
@@ -246,8 +249,8 @@ def _atoms_equal(a, b, budget):
         return a.casefold() == b.casefold()  # text answers and choice letters
     if (x := _to_number(a)) and (y := _to_number(b)):
         (u, exact_u), (v, exact_v) = x, y
-        if (exact_u and exact_v) or u.denominator == v.denominator == 1:
-            return u == v  # never round integers together: 1000 != 1001
+        if (exact_u and exact_v) or 1 in (u.denominator, v.denominator):
+            return u == v  # never round to an integer: 1000 != 1001, 999.9999
         return abs(u - v) <= REL_TOL * max(abs(u), abs(v))
     pa, pb = _to_python(a), _to_python(b)
     return pa is not None and pb is not None and _HELPER.ask([pa, pb, "expr"], budget)
@@ -263,7 +266,8 @@ _OPS = {"+": "+", "-": "-", "*": "*", "/": "/", "\\cdot": "*", "\\times": "*", "
 def _to_python(latex):
     """sympy's Python syntax for a LaTeX expression, or None outside a small subset. The output
     holds only numbers, Symbol('x'), whitelisted names, operators and parentheses: safe to eval."""
-    if len(latex) > MAX_SYMPY_CHARS or re.search(r"\d_", latex):  # 52_{8} is base 8, not 52
+    # 52_{8} is base 8, not 52; "The answer is 0" is a sentence, not T*h*e*...*0 = 0
+    if len(latex) > MAX_SYMPY_CHARS or re.search(r"\d_|(?:^|[^a-zA-Z\\])[a-zA-Z]+ [a-zA-Z]", latex):
         return None
     tokens = _TOKENS.findall(latex)[::-1]  # reversed: tokens.pop() takes the next one
     try:

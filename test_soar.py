@@ -199,6 +199,10 @@ CASES = [
     ("\\frac{\\pi}{3}", "60^\\circ", True), ("180^\\circ", "\\pi", True), ("60\\degree", "60", True),
     ("30 \\text{ degrees}", "\\frac{\\pi}{6}", True), ("\\frac{\\pi}{6}", "60^\\circ", False),
     ("\\frac{\\pi}{3}", "60", False),
+    # strict on purpose (README): rounded decimals, European decimal commas, sentences in a box
+    ("0.33", "\\frac13", False), ("0.333333", "\\frac13", True), ("0.33333", "\\frac13", False),
+    ("1,5", "1.5", False), ("3,14", "3.14", False), ("\\text{The answer is 5}", "5", False),
+    ("\\text{The answer is } 5", "5", False),
 ]
 
 
