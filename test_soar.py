@@ -414,7 +414,7 @@ def answer_variants(g):
               ("log", f"\\log_2 {2 ** n}", 1), ("log", f"\\log_{{2}} {2 ** (n + 1)}", 0)] if 0 < n <= 30 else []
         v += [("factorial", f"{k}!", math.factorial(k) == n) for k in range(3, 9)
               if math.factorial(k) in (n, n + 1)]
-        v += [("european-comma", f"{n // 10},{n % 10}", 0)] if n >= 10 and n % 10 else []
+        v += [("comma", f"{n // 10},{n % 10}", 0)] if n >= 10 and n % 10 else []
     if m := re.fullmatch(r"(-?)\\[dt]?frac\{?(\d+)\}?\{?(\d+)\}?|(-?)(\d+)/(\d+)", g.replace(" ", "")):
         sign, p, q = m[1] or m[4] or "", int(m[2] or m[5]), int(m[3] or m[6])
         value = Fraction(p, q) * (-1 if sign else 1)
@@ -422,7 +422,7 @@ def answer_variants(g):
               ("percent-of-fraction", f"{float(value * 100):.10g}\\%", 0)]
         v += [("reciprocal", f"{sign}\\frac{{{q}}}{{{p}}}", 0)] if p != q else []
         if 10 ** 8 % q == 0:  # a terminating decimal
-            v += [("decimal", f"{float(value):.10g}", 1), ("european-comma", f"{float(value):.10g}".replace(".", ","), 0)]
+            v += [("decimal", f"{float(value):.10g}", 1), ("decimal-comma", f"{float(value):.10g}".replace(".", ","), 0)]
         else:
             v += [("rounded", f"{float(value):.2f}", 0), ("rounded", f"{float(value):.3f}", 0),
                   ("rounded-6", f"{float(value):.6g}", 1), ("rounded-8", f"{float(value):.8f}", 1)]
@@ -447,6 +447,9 @@ def answer_variants(g):
               ("boxes", " and ".join(f"$\\boxed{{{x}}}$" for x in items), 1),
               ("boxes", "".join(f"\\boxed{{{x}}}" for x in items[::-1]), 1),
               ("boxes", " or ".join(f"\\boxed{{{x}}}" for x in items), 0)]  # "or": the last box only
+    if m := re.fullmatch(r"\(([^(),]+),([^(),]+)\)", g.replace("\\left", "").replace("\\right", "")):
+        v += [("tuple", f"\\left( {m[1]}, {m[2]} \\right)", 1), ("tuple", f"({m[2]}, {m[1]})", 0),
+              ("tuple-set", f"\\{{{m[1]}, {m[2]}\\}}", 0)]  # a point, or an open interval, is not a set
     if m := re.fullmatch(r"\\text\{(\w+)\}", g):
         v += [("text", m[1], 1), ("text", f"\\textbf{{{m[1]}}}", 1), ("text", f"\\textnormal{{{m[1]}}}", 1),
               ("text-case", m[1].upper(), 1), ("text", m[1][::-1], 0)]
@@ -506,6 +509,7 @@ MATH_VERIFY_CHOICES = {
         w in g + r for w in ("%", "percent", "pct"))),
     "boxes joined by 'or' are alternatives: the last one counts": (0, 1, lambda g, r: "} or \\boxed" in r),
     "text answers compare case-insensitively": (1, 0, lambda g, r: grader.extract_answer(r).isupper()),
+    "a tuple or an interval is not a set: (1, 2) is not \\{1, 2\\}": (0, 1, lambda g, r: "\\{" in r),
     "no European decimal comma: 0,125 is the list 0, 125":
         (0, 1, lambda g, r: bool(re.fullmatch(r"\\boxed\{\d+,\d+\}", r))),
     "a decimal right to 6 significant digits (math-verify: to 6 decimal places)":
