@@ -37,7 +37,7 @@ mode=${1:-auto}
 case "$mode" in
   setup) setup ;;
   test)
-    setup pytest hypothesis matplotlib
+    setup pytest hypothesis matplotlib math-verify==0.9.0  # math-verify: the grader test's oracle
     shift || true
     exec "$VENV/bin/python" -m pytest -q test_soar.py "$@" ;;
   demo)
