@@ -7,8 +7,8 @@ r"""Math answer grading: every RL reward in this project is grade(response, gold
 is_equiv tries the cheapest test first, in the numbered sections below (1. normalize, 2. plain
 numbers, 3. tuples, intervals, lists and inequalities, 4. sympy, run in a helper subprocess under
 a time limit); most answers never reach sympy. Choices (README.md gives the reasons):
-  * numbers compare exactly (1000 != 1001); a written decimal matches when right to 6 significant
-    digits (0.5 == 1/2, 0.166667 == 1/6, 0.33 != 1/3); "1,000" is one thousand, "1,5" the list 1, 5;
+  * numbers compare exactly (1000 != 1001, 0.33 != 1/3, 3.1416 != pi); a decimal of 6 or more
+    significant digits is a rounded value (0.166667 == 1/6); "1,000" is 1000, "1,5" the list 1, 5;
   * units are dropped, and so are % and "percent": 50\% == 50 != 0.5; a degree mark is a unit too,
     but 60^\circ == \frac{\pi}{3}, the same angle in radians (a bare 60 is not);
   * "x = 5" == "5"; equations match when one is a nonzero multiple of the other (y = 2x + 1 and
@@ -70,7 +70,6 @@ def extract_answer(response: str) -> str | None:
         start = m.start()
     return ", ".join(answers[::-1]) if answers else None
 
-
 # ------------------------------------------------------------------------ 1. normalization
 _TEXT = r"\\(?:text(?:normal|rm|bf|it)?|mbox|math(?:rm|bf|it)|boldsymbol|operatorname)\s*\{"
 _RELATIONS = {"ge": "≥", "le": "≤", "ne": "≠", "gt": ">", "lt": "<", ">=": "≥", "<=": "≤", "!=": "≠"}
@@ -111,7 +110,6 @@ def _normalize(s):
         s = s.replace(",", "")
     return s
 
-
 # ------------------------------------------------------------------------ 2. plain numbers
 def _to_number(s):
     """(value, exact) for 12, -0.5, .35, 3/4, \\frac{3}{4}, 2\\frac{1}{2}, 1e3, where exact is False
@@ -120,9 +118,12 @@ def _to_number(s):
         return (-1 if mixed[1] else 1) * (int(mixed[2]) + Fraction(int(mixed[3]), int(mixed[4]))), True
     s = re.sub(r"\\frac\{(\d+)\}\{(\d+)\}", r"\1/\2", s)
     if re.fullmatch(r"-?(?:\d+/[1-9]\d*|(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d{1,4})?)", s):
-        return Fraction(s), "." not in s
+        return Fraction(s), not _rounded(s)
     return None
 
+def _rounded(decimal):  # 6 significant digits make a decimal a rounded value; shorter ones are exact
+    mantissa = decimal.lstrip("-").split("e")[0]
+    return "." in mantissa and len(mantissa.replace(".", "").lstrip("0")) >= 6
 
 # ------------------------------------------------------------------------ 3. structure
 _MATRIX = re.compile(r"\\begin\{[pbvBV]?matrix\}(.*)\\end\{[pbvBV]?matrix\}", re.S)
@@ -258,7 +259,6 @@ def _atoms_equal(a, b, budget):
     pa, pb = _to_python(a), _to_python(b)
     return pa is not None and pb is not None and _HELPER.ask([pa, pb, "expr"], budget)
 
-
 # ------------------------------------------------------------------------ 4. LaTeX -> sympy
 _TOKENS = re.compile(r"\\[a-zA-Z]+|\d+(?:\.\d*)?|\.\d+|[a-zA-Z](?:_\{\w+\})?|\S", re.ASCII)
 _FUNCS = {**{f: f for f in ["sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sinh", "cosh"]},
@@ -304,6 +304,8 @@ def _operand(tokens):
     """Convert one operand: a number, letter, {group}, (group) or command such as \\frac{a}{b}."""
     t = tokens.pop()
     if t[0] in "0123456789.":
+        if "." in t and not _rounded(t):
+            return f"Rational('{t}')"  # exact: sympy's tolerance applies only to 6-digit decimals
         return re.sub(r"^0+(?=\d)", "", t)  # 025 is 25 (Python reads 025 as an error)
     if t in ("{", "("):
         return "(" + _expression(tokens, "}" if t == "{" else ")") + ")"
@@ -341,7 +343,6 @@ def _power(tokens):
     if "**" in exponent or re.search(r"\d{5}", exponent):
         raise ValueError("power tower or huge exponent")  # 9^{9^{9}} would never finish
     return "**" + exponent
-
 
 # ------------------------------------------------------------------------ sympy helper process
 class _SympyHelper:
@@ -439,7 +440,6 @@ def _same_value(a, b, mode, sympy):
         values = [(va / vb, c) for va, vb in values]
     tol = 1e-12 if exact else REL_TOL
     return bool(values) and all(abs(u - v) <= tol * max(abs(u), abs(v), 1e-10) for u, v in values)
-
 
 # ------------------------------------------------------------------------ public API
 def is_equiv(pred: str, gold: str) -> bool:

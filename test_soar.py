@@ -203,6 +203,8 @@ CASES = [
     ("\\frac{\\pi}{3}", "60", False),
     # strict on purpose (README): rounded decimals, European decimal commas, sentences in a box
     ("0.33", "\\frac13", False), ("0.333333", "\\frac13", True), ("0.33333", "\\frac13", False),
+    ("3.1416", "\\pi", False), ("3.14159", "\\pi", True), ("1.4142", "\\sqrt{2}", False),
+    ("0.16667", "\\frac16", False), ("0.166667", "\\frac16", True), ("2.50", "\\frac52", True),
     ("1,5", "1.5", False), ("3,14", "3.14", False), ("\\text{The answer is 5}", "5", False),
     ("\\text{The answer is } 5", "5", False),
 ]
