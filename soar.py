@@ -331,7 +331,9 @@ class Completion:
     prompt_ids: list      # the prompt's token ids
     ids: list             # the sampled response's token ids (EOS included when it stopped)
     text: str             # the decoded response
-    logprobs: list        # the sampler's log-probability of each response token (temperature 1)
+    logprobs: list        # the sampler's log-probability of each response token, of the distribution
+                          # it sampled from: softmax(logits / temperature)
+    temperature: float = 1.0  # that temperature (1 for greedy), which the trainer applies too
 
 
 class VLLMEngine:
@@ -345,7 +347,8 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.llm = LLM(model=str(model_path), dtype="bfloat16" if on_gpu else "float32", seed=seed,
                        gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else 0.1,
-                       max_model_len=cfg.max_model_len, enforce_eager=not on_gpu, async_scheduling=False)
+                       max_model_len=cfg.max_model_len, enforce_eager=not on_gpu, async_scheduling=False,
+                       logprobs_mode="processed_logprobs")  # after temperature: the distribution sampled from
         self.loaded = None  # (id of the policy, its version) whose weights the engine holds
 
     def load(self, policy):
@@ -370,7 +373,7 @@ class VLLMEngine:
                   for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [[Completion(list(p), list(c.token_ids), c.text,
-                            [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
+                            [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)], temperature or 1.0)
                  for c in out.outputs] for p, out in zip(prompts, outs)]
 
 
@@ -414,12 +417,12 @@ class HFEngine:
                     if row % n == 0:
                         results.append([])
                     text = tok.decode(resp, skip_special_tokens=True)
-                    results[-1].append(Completion(list(prompt), resp, text, logprobs=[]))  # filled below
+                    results[-1].append(Completion(list(prompt), resp, text, [], temperature or 1.0))  # log-probs below
         flat = [c for group in results for c in group if c.ids]
         for i in range(0, len(flat), 16):
             part = flat[i:i + 16]
             logprobs, mask = sequence_logprobs(model, [c.prompt_ids + c.ids for c in part],
-                                               [len(c.prompt_ids) for c in part])
+                                               [len(c.prompt_ids) for c in part], temperature=part[0].temperature)
             for c, lp, m in zip(part, logprobs, mask):
                 c.logprobs = lp[m].tolist()
         model.train(was_training)
@@ -576,8 +579,9 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2,
     return (per_token * mask).sum() / num_tokens
 
 
-def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
-    """Per-token log-probs of each sequence's response tokens under `model`.
+def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0):
+    """Per-token log-probs of each sequence's response tokens under `model` at `temperature`
+    (log softmax(logits / T): the distribution the sampler drew them from).
 
     Returns logprobs [B, T] (column t: the token at position t+1) and the response mask [B, T].
     Sequences are right-padded (with token 0, masked out) to the longest one.
@@ -599,7 +603,7 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
 
     def chunk_logprobs(hidden, targets):
         with autocast(model):
-            logits = head(hidden).float()
+            logits = head(hidden).float() / temperature
         return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
     with autocast(model):
@@ -637,8 +641,9 @@ def policy_update(policy, completions, advantages, cfg):
         current.append(item)
     batches += [current] if current else []
     for batch in batches:
-        seqs = [c.prompt_ids + c.ids for c, _ in batch]
-        logprobs, mask = sequence_logprobs(model, seqs, [len(c.prompt_ids) for c, _ in batch])
+        seqs, lens = [c.prompt_ids + c.ids for c, _ in batch], [len(c.prompt_ids) for c, _ in batch]
+        temperature = batch[0][0].temperature  # the sampler's: the loss is of the distribution sampled from
+        logprobs, mask = sequence_logprobs(model, seqs, lens, temperature=temperature)
         old = torch.zeros_like(logprobs)
         for i, (c, _) in enumerate(batch):  # place the sampler's log-probs at the response positions
             old[i, mask[i]] = torch.tensor(c.logprobs, device=old.device, dtype=old.dtype)
@@ -646,7 +651,7 @@ def policy_update(policy, completions, advantages, cfg):
         ref = None
         if policy.ref is not None:
             with torch.no_grad():
-                ref = sequence_logprobs(policy.ref, seqs, [len(c.prompt_ids) for c, _ in batch])[0]
+                ref = sequence_logprobs(policy.ref, seqs, lens, temperature=temperature)[0]
                 d = (ref - logprobs.detach()) * mask
                 stats["kl_ref"] = stats.get("kl_ref", 0.0) + (torch.exp(d) - d - 1)[mask].sum().item()  # k3
         loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, ref, cfg.kl_beta,
@@ -688,7 +693,7 @@ def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
     t3 = time.time()
     sampled = sum(len(c.ids) for c in flat)
     return dict(reward=rewards.mean().item(), solved_share=(rewards.max(-1).values > 0).float().mean().item(),
-                # -mean log-prob of the sampled tokens estimates the entropy per token (at temperature 1)
+                # -mean log-prob of the sampled tokens estimates the entropy per token (at the temperature)
                 entropy=-sum(sum(c.logprobs) for c in flat) / max(sampled, 1), response_len=sampled / len(flat),
                 sample_s=t1 - t0, grade_s=t2 - t1, train_s=t3 - t2, sample_tok_s=sampled / max(t1 - t0, 1e-9),
                 **stats)

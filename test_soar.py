@@ -445,6 +445,24 @@ def test_vllm_samples_from_the_current_policy(tiny, vllm_engine):
     assert gap() < 1e-3
 
 
+@pytest.mark.parametrize("sampler", ["hf", "vllm"])
+def test_sampler_and_trainer_logprobs_are_of_the_distribution_sampled(tiny, sampler, request):
+    """At temperature 0.7 (the demo teacher's), the log-probs a sampler stores are those of
+    softmax(logits / 0.7), computed here from plain HF logits, and the trainer's are the same: the
+    importance ratios and the gradient are on-policy."""
+    engine = request.getfixturevalue("vllm_engine") if sampler == "vllm" else None
+    policy, tok, cfg = make_policy(tiny, engine)
+    prompt = soar.chat_ids(tok, soar.STUDENT_PROMPT.format(problem="What is 2+2?"))
+    comps = policy.sample([prompt], 8, 0.7, 12, seed=0)[0]
+    for c in comps:
+        with torch.no_grad():
+            logits = policy.model(torch.tensor([c.prompt_ids + c.ids])).logits[0, len(c.prompt_ids) - 1:-1]
+        expected = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-3)
+    stats = soar.policy_update(policy, comps, torch.tensor([1.0, -1.0] * 4), cfg)
+    assert stats["tokens_trained"] > 0 and abs(stats["kl_sampler"]) < 1e-4
+
+
 def test_kl_penalty_to_a_frozen_reference(tiny):
     policy, tok, cfg = make_policy(tiny, kl_beta=0.1, lr=1e-2)
     prompt = soar.chat_ids(tok, soar.STUDENT_PROMPT.format(problem="What is 2+2?"))
