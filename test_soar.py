@@ -28,8 +28,9 @@ HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """The `test` preset's model: a 2-layer Llama, char tokenizer, warmed up on toy addition."""
-    return soar.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    """The `test` preset's model: a 2-layer Llama, char tokenizer, warmed up on toy addition.
+    SOAR_TEST_TINY=FOLDER keeps it there (built once) for faster reruns while iterating."""
+    return soar.build_tiny_model(os.environ.get("SOAR_TEST_TINY") or tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -514,6 +515,48 @@ def test_read_jsonl_names_file_line_and_field(tmp_path):
         soar.read_jsonl(bad)
 
 
+def test_help_lists_each_commands_options_with_defaults_and_the_config_comments(capsys):
+    soar.main(["--help"])
+    top = capsys.readouterr().out
+    assert all(f"    {command} " in top for command in [*soar.OPTIONS, "report"])
+    soar.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--lr 1e-06" in text and "[ours] usual for RL on 3B instruct models" in text and "--tau" not in text
+    # a comment's continuation line is part of its text: one source, Config's own comments
+    assert "(16 GB of 80: weights + KV); the trainer needs the rest (README, memory plan)" in text
+    soar.main(["soar", "--preset", "demo", "--help"])
+    text = capsys.readouterr().out
+    assert "--tau -0.001 (demo)" in text and "[paper] promotion threshold on the moving average reward" in text
+    comments = soar.config_comments()
+    assert set(comments) == set(soar.Config.__dataclass_fields__) and all(comments.values())
+    assert all(name in comments for names in soar.OPTIONS.values() for name in names.split())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--lr", "abc"], "--lr: expected float, got 'abc'"),
+    (["train", "--lr"], "--lr takes one value"),
+    (["soar", "--outer_steps", "1", "--bogus", "1"], "unknown option '--bogus'"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["soar", "--resume", "no/such/run"], "--resume no/such/run: no config.json there"),
+    (["train", "--preset", "nope"], "--preset: unknown preset 'nope'"),
+    (["train", "--model", "m", "--data", "MISSING.jsonl"], "MISSING.jsonl: no such file"),
+    (["train", "--model", "m", "--data", "BAD.jsonl"], "BAD.jsonl:2: field 'answer' is missing or empty"),
+])
+def test_user_errors_are_one_line_and_exit_status_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("BAD.jsonl").write_text('{"problem": "p", "answer": "1"}\n{"problem": "q"}\n')
+    assert soar.cli(argv + (["--out", "o"] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {err[7:]}" and message in err and err.count("\n") == 1
+
+
+def test_a_user_error_from_the_shell_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "soar.py"), "train", "--lr", "abc"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --lr: expected float, got 'abc'"
+    assert "Traceback" not in r.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # SOAR: the teacher's output parser, then the real loop, instrumented through its probe hook
 # ------------------------------------------------------------------------------------------------
@@ -657,6 +700,39 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     assert strip_times(read_rows(whole / "metrics.jsonl")) == strip_times(read_rows(tmp_path / "crashed" / "metrics.jsonl"))
     assert read_rows(whole / "promotion_questions.jsonl") == read_rows(tmp_path / "crashed" / "promotion_questions.jsonl")
     assert any(r["promoted"] for r in read_rows(whole / "metrics.jsonl"))
+
+
+def test_resume_changes_only_the_flags_given_and_a_finished_run_says_so(tiny, toy_train, tmp_path, capsys):
+    run = tmp_path / "run"
+    soar.main(["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--out", str(run),
+               "--outer_steps", "1", "--lr", "0.05"])
+    saved = (run / "config.json").read_text()
+    capsys.readouterr()
+    soar.main(["soar", "--preset", "test", "--resume", str(run)])  # the preset's 3 steps must not apply
+    out = capsys.readouterr().out
+    assert f"{run}: finished (1 of 1 outer steps)" in out and "--out NEW_FOLDER" in out
+    assert (run / "config.json").read_text() == saved and len(read_rows(run / "metrics.jsonl")) == 1
+    soar.main(["soar", "--preset", "test", "--model", str(tiny), "--out", str(run)])  # `./run.sh` again
+    assert "finished (1 of 1 outer steps)" in capsys.readouterr().out
+    soar.main(["soar", "--resume", str(run), "--outer_steps", "2"])  # default preset (paper): not applied either
+    assert "changed: --outer_steps 1 -> 2" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    assert config["outer_steps"] == 2 and config["lr"] == 0.05 and config["model"] == str(tiny)
+    assert [r["step"] for r in read_rows(run / "metrics.jsonl")] == [0, 1]
+
+
+def test_start_up_check_prompt_plus_budget_fits_max_model_len(tiny, toy_train, tmp_path):
+    """The README's pre-flight failed at step 0: the teacher prompt (275 tokens) + 48 > 256."""
+    argv = ["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--out", str(tmp_path / "r")]
+    with pytest.raises(soar.UserError, match=r"^the teacher prompt: 275 prompt tokens \+ --teacher_max_new_tokens 48"
+                                             r" > --max_model_len 256; raise --max_model_len"):
+        soar.main(argv + ["--max_model_len", "256"])
+    long = tmp_path / "long.jsonl"
+    soar.write_jsonl_atomic(long, [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "x" * 900, "answer": "1"}])
+    with pytest.raises(soar.UserError, match=r"long\.jsonl:2: 990 prompt tokens \+ --eval_max_new_tokens 40 > "
+                                             r"--max_model_len 1024"):
+        soar.main(argv[:6] + [str(long)] + argv[7:] + ["--eval_max_new_tokens", "40"])
+    assert not (tmp_path / "r").exists()  # nothing started
 
 
 def test_one_and_two_workers_give_the_same_rewards(tiny, toy_train, tmp_path):
