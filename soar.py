@@ -1169,20 +1169,22 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
 
 # ----- prepare: public releases -> data/<name>.jsonl rows {id, problem, answer, source, meta} -----
 
-DOWNLOADS = {  # the canonical public releases (a local copy can be given with --source)
-    # Hendrycks et al. MATH: MATH/{train,test}/<subject>/<n>.json {problem, level, type, solution};
-    # the answer is the solution's last \boxed{}. (Linked from github.com/hendrycks/math until 2025.)
-    "math": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar",
+DOWNLOADS = {  # where `prepare` reads each dataset: hf://OWNER/REPO@COMMIT (Hugging Face Hub), a URL or a path
+    # Hendrycks et al. MATH, the Hub copy evaluation harnesses moved to when the Berkeley MATH.tar
+    # link died (January 2025) and hendrycks/competition_math was taken down: parquet, one config
+    # per subject, <subject>/{train,test}-*.parquet of {problem, level, type, solution}; the answer is
+    # the solution's last \boxed{}. The commit: the parquet conversion (its PR #3, merged into main).
+    "math": "hf://EleutherAI/hendrycks_math@0bd4da3ba883718272d0e821efdf10b63c2ed3bf",
     # HARP (Yue et al. 2024): one member HARP.jsonl, the short-answer set {problem, answer, level,
     # subject, year, contest, number, ...}.
     "harp": "https://github.com/aadityasingh/HARP/raw/main/HARP.jsonl.zip",
-    # OlympiadBench (He et al. 2024), the authors' full zip; we read data/OE_TO_maths_en_COMP.json
-    # (English, text-only, open-ended math): a list of {id, context, question, final_answer: [..]}.
-    "olympiadbench": "https://drive.usercontent.google.com/download?id=1DnTCrvIv5vbfDmi2yYaCWnzUhvD34oB0"
-                     "&export=download&confirm=t",
+    # OlympiadBench (He et al. 2024), the authors' copy on the Hub; we read the config
+    # OE_TO_maths_en_COMP (English, text-only, open-ended math): {id, context, question,
+    # final_answer: [...], ...}. The release zip (data/OE_TO_maths_en_COMP.json) reads the same.
+    "olympiadbench": "hf://Hothan/OlympiadBench@91184b52131e7fc9455fef848035173aea8cc01a",
 }
-SUBSET = {"harp": "HARP.jsonl", "olympiadbench": "OE_TO_maths_en_COMP.json"}
-SCHEMA_VERSION = 1  # bump when prepared rows change, so `prepare` rebuilds
+SUBSET = {"harp": "HARP.jsonl", "olympiadbench": "OE_TO_maths_en_COMP"}  # the file or Hub config we read
+SCHEMA_VERSION = 2  # bump when prepared rows change, so `prepare` rebuilds
 
 
 def download(url, folder):
@@ -1200,43 +1202,74 @@ def download(url, folder):
     return dest
 
 
+def hub_snapshot(spec, name):
+    """hf://OWNER/REPO[@REVISION]: the dataset's parquet files, through huggingface_hub's cache as
+    `datasets` would (HF_HOME sets where; HF_HUB_OFFLINE=1 reads only the cache). Returns the local
+    folder and the commit it holds."""
+    from huggingface_hub import snapshot_download
+    repo, _, revision = spec[len("hf://"):].partition("@")
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", revision=revision or "main",
+                                   allow_patterns=f"*{SUBSET.get(name, '')}*.parquet")
+    except Exception as e:  # offline, unknown repo or revision: the user's to fix, so one line
+        raise UserError(f"{spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                        f"(a local copy: --sources {name}=PATH)") from None
+    return Path(folder), Path(folder).name  # the cache names a snapshot's folder after its commit
+
+
 def source_documents(src):
-    """(location, member name, text) of every .json/.jsonl in a file, folder, .zip or .tar."""
+    """(location, member name, bytes) of every .json/.jsonl/.parquet in a file, folder, .zip or .tar."""
     import tarfile
     import zipfile
-    wanted = lambda n: n.endswith((".json", ".jsonl")) and not Path(n).name.startswith(("._", "."))
+    wanted = lambda n: n.endswith((".json", ".jsonl", ".parquet")) and not Path(n).name.startswith(("._", "."))
     if src.is_dir():
         for p in sorted(src.rglob("*")):
             if p.is_file() and wanted(p.name):
-                yield str(p), str(p.relative_to(src)), p.read_text(encoding="utf-8")
+                yield str(p), str(p.relative_to(src)), p.read_bytes()
     elif wanted(src.name):
-        yield str(src), src.name, src.read_text(encoding="utf-8")
+        yield str(src), src.name, src.read_bytes()
     elif zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as z:
             for n in sorted(n for n in z.namelist() if wanted(n) and "__MACOSX" not in n):
-                yield f"{src}:{n}", n, z.read(n).decode("utf-8")
+                yield f"{src}:{n}", n, z.read(n)
     elif tarfile.is_tarfile(src):
         with tarfile.open(src) as t:
             for m in sorted((m for m in t.getmembers() if m.isfile() and wanted(m.name)), key=lambda m: m.name):
-                yield f"{src}:{m.name}", m.name, t.extractfile(m).read().decode("utf-8")
+                yield f"{src}:{m.name}", m.name, t.extractfile(m).read()
     else:
         raise UserError(f"{src}: expected a .json/.jsonl/.parquet file, a folder, a .zip or a .tar")
 
 
+def parquet_rows(data, where):
+    """The rows of a parquet file as dicts, read with pyarrow (what `datasets` reads parquet with)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{where}: reading parquet needs pyarrow (pip install pyarrow; ./run.sh installs it)") from None
+    try:
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
+    except pa.ArrowException as e:
+        raise UserError(f"{where}: not a readable parquet file ({e})") from None
+
+
 def source_rows(src, name):
-    """(location, member, row) for every row; of an archive, only the dataset's own subset file."""
+    """(location, member, index in member, row) for every row; of a release with several subsets,
+    only the dataset's own (SUBSET)."""
     docs = list(source_documents(src))
-    for where, member, text in [d for d in docs if Path(d[1]).name == SUBSET.get(name)] or docs:
-        if member.endswith(".jsonl"):
-            for location, row in jsonl_rows(text, where):
-                yield location, member, row
+    for where, member, data in [d for d in docs if name in SUBSET and SUBSET[name] in d[1]] or docs:
+        if member.endswith(".parquet"):
+            rows = [(f"{where}[{i}]", row) for i, row in enumerate(parquet_rows(data, where))]
+        elif member.endswith(".jsonl"):
+            rows = list(jsonl_rows(data.decode("utf-8"), where))
         else:
             try:
-                obj = json.loads(text)
+                obj = json.loads(data)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
-            for i, row in enumerate(obj if isinstance(obj, list) else [obj]):
-                yield f"{where}[{i}]", member, row
+            rows = [(f"{where}[{i}]", row) for i, row in enumerate(obj if isinstance(obj, list) else [obj])]
+        for index, (location, row) in enumerate(rows):
+            yield location, member, index, row
 
 
 def to_schema(name, where, member, row, index):
@@ -1272,13 +1305,15 @@ def prepare(name, source=None, out_dir="data"):
     a re-run with the same source (path, sizes, mtimes) and schema is a no-op."""
     if name not in DOWNLOADS:
         raise UserError(f"--dataset: unknown dataset {name!r}; one of {', '.join(sorted(DOWNLOADS))}")
-    out_dir = Path(out_dir)
-    src = download(source or DOWNLOADS[name], out_dir / ".cache") if not source or "://" in str(source) \
-        else Path(source)
+    out_dir, spec, revision = Path(out_dir), str(source or DOWNLOADS[name]), None
+    if spec.startswith("hf://"):
+        src, revision = hub_snapshot(spec, name)
+    else:
+        src = download(spec, out_dir / ".cache") if "://" in spec else Path(spec)
     if not src.exists():
         raise UserError(f"--source {src}: no such file or folder")
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-    stamp = {"schema": SCHEMA_VERSION, "source": str(src.resolve()),
+    stamp = {"schema": SCHEMA_VERSION, "source": spec, "revision": revision,
              "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
     meta_path = out_dir / f"{name}.meta.json"
     if meta_path.exists():
@@ -1287,10 +1322,10 @@ def prepare(name, source=None, out_dir="data"):
             print(f"{name}: up to date")
             return [Path(p) for p in old["outputs"]]
     splits, skipped = {}, 0
-    for i, (where, member, row) in enumerate(source_rows(src, name)):
+    for where, member, index, row in source_rows(src, name):
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
-        converted = to_schema(name, where, member, row, i)
+        converted = to_schema(name, where, member, row, index)
         skipped += converted is None
         if converted:
             splits.setdefault(converted[0], []).append(converted[1])
@@ -1300,7 +1335,7 @@ def prepare(name, source=None, out_dir="data"):
     for split, rows in sorted(splits.items()):
         outputs.append(out_dir / (f"{name}.jsonl" if split == "all" else f"{name}_{split}.jsonl"))
         write_jsonl_atomic(outputs[-1], rows)
-        print(f"{name}: {len(rows)} rows -> {outputs[-1]}")
+        print(f"{name}: {len(rows)} rows from {spec} -> {outputs[-1]}")
     if skipped:
         print(f"{name}: skipped {skipped} rows whose solution has no \\boxed{{}} answer")
     write_json_atomic(meta_path, {**stamp, "outputs": [str(p) for p in outputs], "skipped": skipped})

@@ -869,6 +869,68 @@ def test_prepare_reads_the_release_archives(tmp_path):
         soar.prepare("olympiadbench", str(ob), tmp_path / "data2")
 
 
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def hub_layout(root):
+    """Local copies in the Hub layouts: EleutherAI/hendrycks_math (one config per subject, parquet
+    shards per split) and Hothan/OlympiadBench (one folder per config)."""
+    math = lambda problem, answer: {"problem": problem, "level": "Level 2", "type": "Algebra",
+                                    "solution": f"So it is $\\boxed{{{answer}}}$."}
+    write_parquet(root / "math" / "algebra" / "train-00000-of-00001.parquet", [math("1+1?", 2), math("2+2?", 4)])
+    write_parquet(root / "math" / "algebra" / "test-00000-of-00001.parquet", [math("3+3?", 6)])
+    write_parquet(root / "math" / "geometry" / "train-00000-of-00001.parquet", [math("Angles of a triangle?", 180)])
+    write_parquet(root / "math" / "geometry" / "test-00000-of-00001.parquet",
+                  [math("Right angle?", 90), {**math("No box", 1), "solution": "none"}])
+    ob = {"id": 1607, "context": "Let $f(x)=x^2$.", "question": "Roots of $f(x)=1$?", "final_answer": ["$1$", "$-1$"],
+          "image_1": None, "subfield": "Algebra", "answer_type": "Numerical", "unit": None}
+    write_parquet(root / "ob" / "OE_TO_maths_en_COMP" / "train" / "0000.parquet", [ob])
+    write_parquet(root / "ob" / "OE_TO_physics_en_COMP" / "train" / "0000.parquet", [{**ob, "id": 1}])
+
+
+def test_prepare_reads_the_hub_parquet_layouts(tmp_path):
+    hub_layout(tmp_path)
+    test, train = soar.prepare("math", str(tmp_path / "math"), tmp_path / "data")
+    assert [(r["problem"], r["answer"]) for r in lines_of(train)] == [("1+1?", "2"), ("2+2?", "4"),
+                                                                      ("Angles of a triangle?", "180")]
+    assert [r["answer"] for r in lines_of(test)] == ["6", "90"] and lines_of(test)[1]["meta"]["split"] == "test"
+    assert lines_of(train)[1]["id"] == "algebra/train-00000-of-00001.parquet#1"  # stable: the file and row
+    assert json.loads((tmp_path / "data" / "math.meta.json").read_text())["skipped"] == 1
+    (path,) = soar.prepare("olympiadbench", str(tmp_path / "ob"), tmp_path / "data")
+    assert [(r["id"], r["answer"], r["problem"]) for r in lines_of(path)] == [
+        ("1607", "1, -1", "Let $f(x)=x^2$.\n\nRoots of $f(x)=1$?")]  # the physics config is not read
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(soar.UserError, match=r"bad\.parquet: not a readable parquet file"):
+        soar.prepare("math", str(tmp_path / "bad.parquet"), tmp_path / "data2")
+
+
+def test_prepare_downloads_the_default_sources_through_the_hub_cache(tmp_path):
+    """The real download code, offline: huggingface_hub finds the pinned commits in its cache (a
+    machine that downloaded them once, or a copied cache), and the meta file names the revision."""
+    hub_layout(tmp_path)
+    for name, source in (("math", "math"), ("olympiadbench", "ob")):
+        repo, commit = soar.DOWNLOADS[name][len("hf://"):].split("@")
+        snapshot = tmp_path / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / commit
+        snapshot.parent.mkdir(parents=True)
+        os.rename(tmp_path / source, snapshot)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for name, rows in (("math", 5), ("olympiadbench", 1)):
+        r = subprocess.run([sys.executable, str(HERE / "soar.py"), "prepare", "--dataset", name, "--data_dir", "data"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        meta = json.loads((tmp_path / "data" / f"{name}.meta.json").read_text())
+        assert meta["revision"] == soar.DOWNLOADS[name].split("@")[1] and meta["source"] == soar.DOWNLOADS[name]
+        assert sum(len(lines_of(tmp_path / p)) for p in meta["outputs"]) == rows
+    r = subprocess.run([sys.executable, str(HERE / "soar.py"), "prepare", "--dataset", "math", "--data_dir", "d2",
+                        "--source", "hf://EleutherAI/hendrycks_math@main"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)  # not in the cache, and offline
+    assert r.returncode == 2 and "(a local copy: --sources math=PATH)" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_question_diversity():
     same = soar.question_diversity(["What is the sum of 2 and 3?"] * 50)
     varied = soar.question_diversity(["What is the sum of 2 and 3?", "Find the area of a circle of radius 4.",
