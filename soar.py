@@ -959,8 +959,10 @@ def teacher_advantages(rewards, dataset_rewards, cfg):
 
 def promotion(window, step_reward, cfg, has_questions=True):
     """Step 5: keep the last `window` mean teacher rewards [paper: 3]; promote when a full window
-    averages above tau [paper: 0.01], then start the average over. Returns (promote, average).
-    has_questions: whether the step's best dataset has any question (else nothing was trained)."""
+    averages above tau [paper: 0.01]. Then the window starts over [ours: the paper does not say;
+    each promotion then rests on `window` steps measured against the new baseline, none against
+    the old one]. Returns (promote, average). has_questions: whether the step's best dataset has
+    any question (else nothing was trained)."""
     window.append(step_reward)
     del window[:-cfg.window]
     average = sum(window) / len(window)
@@ -1414,9 +1416,11 @@ def sample_questions(cfg, teacher_path, count, out_path):
 # ----- the evaluation protocol of the paper, every stage skipping finished work -----
 
 def select_promoted_student(cfg, run):
-    """PS [paper]: of the students promoted during a SOAR run, the one with the best greedy accuracy
-    on the validation problems held out of D_train; the base model when none was promoted. One
-    engine serves all candidates (same architecture): only the weights are swapped."""
+    """PS [paper: a student promoted during the SOAR run]. Which one [ours: the paper does not fix
+    the rule]: the best greedy accuracy on validation problems held out of D_train (val_share), so
+    the choice never sees the test split, among the promoted students and the base model (PS is
+    never worse on validation than where it started). One engine serves all candidates (same
+    architecture): only the weights are swapped."""
     tok, validation = load_tokenizer(cfg.model), load_problems(cfg.data)
     check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"])
     student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))

@@ -869,6 +869,11 @@ def test_prepare_reads_the_release_archives(tmp_path):
         soar.prepare("olympiadbench", str(ob), tmp_path / "data2")
 
 
+def test_choices_the_paper_does_not_fix_are_marked_ours():
+    assert "[ours: the paper does not say" in soar.promotion.__doc__  # the window starting over
+    assert "[ours: the paper does not fix" in soar.select_promoted_student.__doc__  # PS by validation accuracy
+
+
 def write_parquet(path, rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
