@@ -1346,6 +1346,28 @@ def prepare(name, source=None, out_dir="data"):
 
 # ----- fail@k: the problems the model never solves in k samples -----
 
+def problem_key(row):
+    """What makes two problems the same: their text, case and whitespace ignored (MATH's train and
+    test splits share problems under different ids)."""
+    return "".join(row["problem"].lower().split())
+
+
+def unique_problems(rows):
+    """The rows without the repeats of an earlier row's problem, and how many were dropped."""
+    seen = set()
+    kept = [r for r in rows if not (problem_key(r) in seen or seen.add(problem_key(r)))]
+    return kept, len(rows) - len(kept)
+
+
+def upper_bound(train, test):
+    """The upper bound's extra data [paper]: the dataset's train problems, each once, without any
+    problem of the fail@k test split (by text, not id). Returns the rows and what was removed."""
+    rows, duplicates = unique_problems(train)
+    held_out = {problem_key(r) for r in test}
+    kept = [r for r in rows if problem_key(r) not in held_out]
+    return kept, {"rows": len(train), "duplicates_removed": duplicates, "test_problems_removed": len(rows) - len(kept)}
+
+
 def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     """Sample k solutions per problem (student prompt, cfg.temperature), record success counts in
     OUT_counts*.jsonl (resumable: counted problems are not sampled again), keep the 0/k problems and
@@ -1357,6 +1379,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     problems = load_problems(data_paths)
     for i, p in enumerate(problems):
         p.setdefault("id", f"row{i}")
+    problems, duplicates = unique_problems(problems)  # before the split: a problem lands on one side only
     out_prefix = Path(out_prefix)
     done = {}
     for counts in out_prefix.parent.glob(f"{out_prefix.name}_counts*.jsonl"):  # every shard's counts
@@ -1389,9 +1412,14 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     random.Random(seed_of(cfg.seed, "split")).shuffle(hard)
     train, test = (hard[:len(hard) // 2], hard[len(hard) // 2:]) if split else ([], hard)
     n_val = max(1, round(cfg.val_share * len(train))) if len(train) > 1 else 0
-    for part, rows in (("train", train[n_val:]), ("val", train[:n_val]), ("test", test)):
+    parts = {"train": train[n_val:], "val": train[:n_val], "test": test}
+    write_json_atomic(f"{out_prefix}_meta.json", {"split": {
+        "k": k, "problems": len(problems) + duplicates, "duplicates_removed": duplicates, "unsolved": len(hard),
+        **{part: len(rows) for part, rows in parts.items()}}})
+    for part, rows in parts.items():  # test last: its presence marks a finished split
         write_jsonl_atomic(f"{out_prefix}_{part}.jsonl", rows)
-    print(f"fail@{k}: {len(hard)} of {len(problems)} problems unsolved -> {out_prefix}_{{train,val,test}}")
+    print(f"fail@{k}: {len(hard)} of {len(problems)} problems unsolved ({duplicates} duplicates removed) -> "
+          f"{out_prefix}_{{train,val,test}}.jsonl")
     return hard
 
 
@@ -1460,6 +1488,17 @@ def run_jobs(jobs, gpus):
         list(pool.map(run_on_a_free_gpu, jobs))  # list(): re-raises the first failure
 
 
+def user_flags(cfg, preset, leave_out=()):
+    """The `--key value` flags that turn the preset into cfg: what the user set, which the pipeline
+    passes to every job (a job ignores what its command does not use)."""
+    base, argv = make_config([], preset), []
+    for name in Config.__dataclass_fields__:
+        value = getattr(cfg, name)
+        if name not in leave_out and value != getattr(base, name):
+            argv += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
 def pipeline(cfg, preset):
     """`./run.sh paper` = `python soar.py pipeline --preset paper`: every stage of the paper's
     evaluation. Each stage is a list of jobs (commands of this script) that skips finished work;
@@ -1467,11 +1506,15 @@ def pipeline(cfg, preset):
     import subprocess
     root, data, n_gpu = Path(cfg.out), Path(cfg.data_dir), torch.cuda.device_count()
     names, sources = cfg.datasets + [cfg.transfer], dict(s.split("=", 1) for s in cfg.sources)
-    base = ["--preset", preset, "--model", cfg.model, "--out", str(root)]
+    own = {"model", "out", "data", "resume", "teacher_reward", "output", "method", "dataset", "note", "shard",
+           "shards"}  # set per job below (a later flag wins; a list flag would add up)
+    base = ["--preset", preset, *user_flags(cfg, preset, own), "--model", cfg.model, "--out", str(root)]
     fil = lambda name, part: f"{root / 'filter' / name}_{part}.jsonl"
     run = lambda jobs: run_jobs([argv for done, argv in jobs if not done], list(range(n_gpu)))
     # 1. data: the public releases in one schema (CPU only)
     files = {name: [str(p) for p in prepare(name, sources.get(name), data)] for name in names}
+    check_fits(cfg, load_tokenizer(cfg.model), [f for name in names for f in files[name]],  # before any GPU time
+               ["max_new_tokens", "eval_max_new_tokens"], teacher=True)
     # 2. fail@k of the base model, one shard per GPU: data/<name> -> filter/<name>_{counts,train,val,test}
     shards = max(n_gpu, 1)
     run([(Path(fil(name, "test")).exists(), ["filter", *base, "--dataset", name, "--data", *files[name],
@@ -1501,36 +1544,43 @@ def pipeline(cfg, preset):
           ["select_ps", *base, "--out", str(root / f"soar_{name}"), "--data", fil(name, "val")])
          for name in cfg.datasets])
     math_train = read_jsonl(data / "math_train.jsonl") if (data / "math_train.jsonl").exists() else []
-    trainings, models = [], []  # models: (method, dataset, seed, model folder) to evaluate
+    trainings, models = [], []  # models: (method, dataset, seed, model folder, note) to evaluate
     for name in cfg.datasets:
         if not Path(fil(name, "upper")).exists():
-            test_ids = {r["id"] for r in read_jsonl(fil(name, "test"))}
-            write_jsonl_atomic(fil(name, "upper"), [r for r in math_train if r["id"] not in test_ids])
+            rows, counts = upper_bound(math_train, read_jsonl(fil(name, "test")))
+            write_jsonl_atomic(fil(name, "upper"), rows)
+            meta = root / "filter" / f"{name}_meta.json"
+            write_json_atomic(meta, {**(json.loads(meta.read_text()) if meta.exists() else {}), "upper": counts})
+        pq, questions = root / f"soar_{name}" / "promotion_questions.jsonl", root / f"intrinsic_{name}" / "questions.jsonl"
         methods = {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
-                   "SOAR-PQ": [str(root / f"soar_{name}" / "promotion_questions.jsonl"), fil(name, "train")],
-                   "Intrinsic-T": [str(root / f"intrinsic_{name}" / "questions.jsonl"), fil(name, "train")],
+                   "SOAR-PQ": [str(pq), fil(name, "train")], "Intrinsic-T": [str(questions), fil(name, "train")],
                    "Upper bound": [fil(name, "upper"), fil(name, "train")]}
-        methods = {m: [p for p in paths if read_jsonl(p, ())] for m, paths in methods.items()}  # empty PQ: left out
+        methods = {m: [p for p in paths if read_jsonl(p, ())] for m, paths in methods.items()}  # empty files: left out
         ps = json.loads((root / f"soar_{name}" / "promoted_student.json").read_text())["best"]
+        hard_only = "so it trained on the hard split alone: Hard-Only under another name"
+        notes = {"SOAR-PQ": f"degenerate: no promotion in soar_{name}, {hard_only}" if not read_jsonl(pq, ()) else "",
+                 "Intrinsic-T": f"degenerate: no parseable question from the teacher, {hard_only}"
+                 if not read_jsonl(questions, ()) else "",
+                 "SOAR-PS": f"degenerate: no promotion in soar_{name}, so PS is the base model" if ps == cfg.model else ""}
         for seed in range(cfg.seeds):
-            models += [("Base", name, seed, cfg.model), ("SOAR-PS", name, seed, ps)]
+            models += [("Base", name, seed, cfg.model, ""), ("SOAR-PS", name, seed, ps, notes["SOAR-PS"])]
             for method, paths in methods.items():
                 out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
                 group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)  # [paper] 32 and 128
                 trainings.append((committed_step(out / "checkpoint") >= cfg.steps,
-                                  ["train", *base, "--seed", str(seed), "--out", str(out), "--group_size", str(group),
-                                   "--data", *paths]))
-                models.append((method, name, seed, str(out / "checkpoint")))
+                                  ["train", *base, "--seed", str(cfg.seed + seed), "--out", str(out), "--group_size",
+                                   str(group), "--data", *paths]))
+                models.append((method, name, seed, str(out / "checkpoint"), notes.get(method, "")))
     # 5. the trainings of the protocol, then pass@k on the fail@k test split of their dataset (and
     #    on OlympiadBench, the held-out transfer set, for models trained on MATH)
     run(trainings)
     evals = []
-    for method, name, seed, model in models:
+    for method, name, seed, model, note in models:
         for test_set in [name] + ([cfg.transfer] if name == "math" else []):
             out = root / "eval" / f"{method.replace(' ', '_')}_{test_set}_seed{seed}.json"
-            evals.append((out.exists(), ["eval", *base, "--model", model, "--seed", str(seed), "--data",
+            evals.append((out.exists(), ["eval", *base, "--model", model, "--seed", str(cfg.seed + seed), "--data",
                                          fil(test_set, "test"), "--output", str(out), "--method", method,
-                                         "--dataset", test_set]))
+                                         "--dataset", test_set] + (["--note", note] if note else [])))
     run(evals)
     # 6. the report
     print(render_report([root], root / "report"))
@@ -1580,12 +1630,14 @@ def render_report(run_dirs, out_dir):
     import statistics
     out_dir, plt = Path(out_dir), pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed
+    results, notes = {}, {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed; a remark
     for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}):
         r = json.loads(f.read_text())
         if not all(k in r for k in ("method", "dataset", "pass_at_k")):
             raise UserError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")
         results.setdefault((r["dataset"], r["method"]), []).append({**r["pass_at_k"], "greedy": r.get("greedy_acc")})
+        if r.get("note"):  # a degenerate method: its numbers are another method's, not a result
+            notes[r["dataset"], r["method"]] = r["note"]
 
     def values(ds, m, k):  # the seeds' values of pass@k (or "greedy") for one method on one dataset
         return [seed[k] for seed in results.get((ds, m), []) if seed.get(k) is not None]
@@ -1603,12 +1655,12 @@ def render_report(run_dirs, out_dir):
         md += [f"## {ds}", "", "| method | n | " + " | ".join(f"pass@{k}" for k in KS) + " | greedy |",
                "|---|---|" + "---|" * (len(KS) + 1)]
         for m in methods:
-            md.append(f"| {m} | {len(results[ds, m])} | " + " | ".join(cell(values(ds, m, k)) for k in KS + ["greedy"])
-                      + " |")
+            cells = [notes[ds, m]] + [""] * len(KS) if (ds, m) in notes else [cell(values(ds, m, k)) for k in KS + ["greedy"]]
+            md.append(f"| {m} | {len(results[ds, m])} | " + " | ".join(cells) + " |")
         md.append("")
         if plt:
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            for m in methods:
+            for m in (m for m in methods if (ds, m) not in notes):
                 ks = [k for k in KS if values(ds, m, k)]
                 spread = [statistics.stdev(values(ds, m, k)) if len(values(ds, m, k)) > 1 else 0 for k in ks]
                 ax.errorbar([int(k) for k in ks], [100 * mean(values(ds, m, k)) for k in ks],
@@ -1621,7 +1673,9 @@ def render_report(run_dirs, out_dir):
     md += ["## The paper's claims beside ours", "", "| dataset | comparison | k | paper | ours |", "|---|---|---|---|---|"]
     for ds, m, base, k, kind, paper in PAPER_CLAIMS:
         a, b = mean(values(ds, m, k)), mean(values(ds, base, k))
-        if a is None or b is None:
+        if (ds, m) in notes or (ds, base) in notes:
+            ours = f"n/a: {m if (ds, m) in notes else base} degenerate"
+        elif a is None or b is None:
             ours = "-"
         elif kind == "ratio":
             ours = f"{a / b:.1f}x" if b else "n/a (base is 0)"
@@ -1925,7 +1979,8 @@ def main(argv):
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
         ks = [int(k) for k in cfg.eval_k.split(",")]
         result, _ = evaluate(policy, tok, load_problems(cfg.data), cfg.eval_n, ks, cfg, cfg.seed)
-        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed, method=cfg.method, dataset=cfg.dataset)
+        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed, method=cfg.method, dataset=cfg.dataset,
+                      note=cfg.note)
         print(json.dumps(result, indent=2))
         if cfg.output:
             write_json_atomic(cfg.output, result)

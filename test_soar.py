@@ -869,6 +869,25 @@ def test_prepare_reads_the_release_archives(tmp_path):
         soar.prepare("olympiadbench", str(ob), tmp_path / "data2")
 
 
+def test_fail_at_k_split_and_upper_bound_deduplicate_by_problem_text(tiny, tmp_path):
+    """MATH has train/test duplicates under other ids: each problem lands on one side of the split
+    only, the upper bound's data holds no problem of the test split, and the metadata counts them."""
+    rows = [{"id": f"{i}{c}", "problem": text, "answer": "1000003"} for i in range(12)
+            for c, text in (("a", f"Compute the {i}th  prime number."), ("b", f"compute the {i}th prime\nnumber. "))]
+    soar.write_jsonl_atomic(tmp_path / "dup.jsonl", rows)
+    prefix = tmp_path / "filter" / "dup"
+    hard = soar.fail_at_k(soar.make_config(["--model", str(tiny)], "test"), [tmp_path / "dup.jsonl"], 2, prefix)
+    sides = {part: [soar.problem_key(r) for r in lines_of(f"{prefix}_{part}.jsonl")] for part in ("train", "val", "test")}
+    keys = [key for side in sides.values() for key in side]
+    assert len(keys) == len(set(keys)) == len(hard) == 12
+    meta = json.loads(Path(f"{prefix}_meta.json").read_text())["split"]
+    assert meta == {"k": 2, "problems": 24, "duplicates_removed": 12, "unsolved": 12,
+                    **{part: len(side) for part, side in sides.items()}}
+    upper, counts = soar.upper_bound(rows, lines_of(f"{prefix}_test.jsonl"))
+    assert len(upper) == 12 - len(sides["test"]) and not {soar.problem_key(r) for r in upper} & set(sides["test"])
+    assert counts == {"rows": 24, "duplicates_removed": 12, "test_problems_removed": len(sides["test"])}
+
+
 def test_choices_the_paper_does_not_fix_are_marked_ours():
     assert "[ours: the paper does not say" in soar.promotion.__doc__  # the window starting over
     assert "[ours: the paper does not fix" in soar.select_promoted_student.__doc__  # PS by validation accuracy
@@ -963,9 +982,21 @@ def test_report_table_and_claims(tmp_path):
     assert "| harp | SOAR-PQ / Base | 1 | ~2x | - |" in text
 
 
+def test_report_says_when_a_method_degenerated(tmp_path):
+    note = "degenerate: no promotion in soar_math, so it trained on the hard split alone: Hard-Only under another name"
+    for method, extra in (("Base", {}), ("Hard-Only", {}), ("SOAR-PQ", {"note": note})):
+        soar.write_json_atomic(tmp_path / "run" / "eval" / f"{method}.json", {
+            "method": method, "dataset": "math", "greedy_acc": 0.1, "pass_at_k": {"1": 0.1, "32": 0.3}, **extra})
+    text = soar.render_report([tmp_path / "run"], tmp_path / "report")
+    assert f"| SOAR-PQ | 1 | {note} |" in text and "| Hard-Only | 1 | 10.0 |" in text
+    assert "| math | SOAR-PQ / Base | 1 | ~4x | n/a: SOAR-PQ degenerate |" in text
+    assert "| math | SOAR-PQ - Hard-Only | 32 | up to +9.3 | n/a: SOAR-PQ degenerate |" in text
+
+
 @needs_shared
-def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
-    """Every stage on tiny models and a few real problems; a second run does nothing."""
+def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path, monkeypatch):
+    """Every stage on tiny models and a few real problems; every value the user set reaches every
+    stage (each job's argv is recorded); a second run does nothing."""
     math500 = lines_of(SHARED / "math500.jsonl")
     (tmp_path / "MATH").mkdir()
     soar.write_jsonl_atomic(tmp_path / "MATH" / "train.jsonl", math500[:10])
@@ -976,7 +1007,17 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
     argv = ["pipeline", "--preset", "test", "--model", str(tiny), "--out", str(tmp_path / "run"),
             "--data_dir", str(tmp_path / "data"), "--sources", f"math={tmp_path / 'MATH'}",
             f"olympiadbench={tmp_path / 'OE_TO_maths_en_COMP.json'}"]
-    soar.main(argv)
+    given = {"outer_steps": 2, "steps": 1, "eval_n": 2, "eval_k": "1,2", "lr": 0.02, "tau": -0.5,
+             "micro_batch_tokens": 1024, "gpu_memory_utilization": 0.3}  # none of them the preset's
+    argv += [str(a) for k, v in given.items() for a in (f"--{k}", v)] + ["--seed", "5"]
+    jobs, pipeline_main = [], soar.main
+    monkeypatch.setattr(soar, "main", lambda job: jobs.append(job) or pipeline_main(job))  # the stages' jobs
+    pipeline_main(argv)
+    assert {job[0] for job in jobs} == {"filter", "soar", "questions", "select_ps", "train", "eval"}
+    for job in jobs:
+        at = job.index("--preset")
+        cfg = soar.make_config(job[1:at] + job[at + 2:], job[at + 1])
+        assert {k: getattr(cfg, k) for k in given} == given and cfg.seed == 5, job  # 5 + protocol seed 0
     run = tmp_path / "run"
     counts = lines_of(run / "filter" / "math_counts.jsonl")
     assert len(counts) == 20 and all(set(c) == {"id", "successes", "k"} and c["k"] == 2 for c in counts)
@@ -987,22 +1028,27 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
     assert len(lines_of(run / "filter" / "olympiadbench_test.jsonl")) == sum(
         c["successes"] == 0 for c in lines_of(run / "filter" / "olympiadbench_counts.jsonl"))  # held out: all test
     for kind in ("soar_math", "intrinsic_math"):
-        assert len(lines_of(run / kind / "metrics.jsonl")) == 3
+        assert len(lines_of(run / kind / "metrics.jsonl")) == 2  # --outer_steps 2, not the preset's 3
+    assert all(len(lines_of(m)) == 1 for m in (run / "train").glob("*/metrics.jsonl"))  # --steps 1
     assert json.loads((run / "soar_math" / "promoted_student.json").read_text())["best"]
     evals = sorted(p.name for p in (run / "eval").glob("*.json"))
     methods = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PQ", "SOAR-PS", "Upper_bound"]
     assert evals == sorted(f"{m}_{d}_seed0.json" for m in methods for d in ("math", "olympiadbench"))
     for f in (run / "eval").glob("*.json"):
         r = json.loads(f.read_text())
-        assert set(r["pass_at_k"]) == {"1", "2", "4"} and 0 <= r["greedy_acc"] <= 1 and r["n"] == 4
+        assert set(r["pass_at_k"]) == {"1", "2"} and 0 <= r["greedy_acc"] <= 1 and r["n"] == 2
+        # 2 outer steps, window 3: no promotion, so SOAR-PQ is Hard-Only and PS the base model, and say so
+        assert r["note"].startswith("degenerate: no promotion") == (r["method"] in ("SOAR-PQ", "SOAR-PS"))
     report = (run / "report" / "report.md").read_text()
-    assert "| SOAR-PQ | 1 |" in report and "| soar_math | 3 |" in report
+    assert "| SOAR-PQ | 1 | degenerate: no promotion in soar_math" in report and "| soar_math | 2 |" in report
+    meta = json.loads((run / "filter" / "math_meta.json").read_text())
+    assert meta["split"]["problems"] == 20 and meta["upper"]["rows"] == 10
     if __import__("importlib").util.find_spec("matplotlib"):  # ./run.sh test installs it
         for png in ("passk_math.png", "passk_olympiadbench.png", "teacher_soar_math.png"):
             assert (run / "report" / png).read_bytes()[:4] == b"\x89PNG"
     # a second run finds everything done: no file is rewritten but the report
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts}
-    soar.main(argv)
+    pipeline_main(argv)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts} == stamp
 
 
