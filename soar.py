@@ -486,6 +486,12 @@ def autocast(model):
     return contextlib.nullcontext()
 
 
+# What runs in fp32 on GPU (the output layer in sequence_logprobs) uses TF32 tensor cores [ours]:
+# inputs rounded to 10 mantissa bits, sums in fp32 (estimated ~1e-3 on a logit, against bf16's
+# ~0.06). Plain fp32 would make the output layer cost about as much as the rest of a 3B model.
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path))
@@ -639,8 +645,10 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
     The fp32 logits of a whole micro-batch (tokens x vocab x 4 B: 4 GiB for 8192 tokens of a 128k
     vocabulary, and log-softmax's backward holds two more) would be the largest activation. So the
     output layer runs on `chunk` tokens at a time [ours: 1024] under checkpointing: one chunk's
-    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. (A model that
-    post-processes its logits, e.g. Gemma's soft-capping, needs that step added in `chunk_logprobs`.)"""
+    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. The output layer
+    runs outside autocast [ours]: in bf16 a logit of 16-32 is rounded by up to 0.06-0.125, and every
+    token's log-prob with it (README: the measured gap); on GPU as TF32 (see `autocast`). (A model
+    that post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
     B, width = len(sequences), max(map(len, sequences))
     dev = model.device
@@ -652,8 +660,8 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
     head = model.get_output_embeddings()
 
     def chunk_logprobs(hidden, targets):
-        with autocast(model):
-            logits = head(hidden).float() / temperature
+        with torch.autocast(dev.type, enabled=False):
+            logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), head.bias) / temperature
         return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
     with autocast(model):
@@ -1853,6 +1861,13 @@ def bench(cfg):
         groups = policy.sample(prompts, 1, 1.0, cfg.max_new_tokens, seed=1)
         report[f"{backend}_sample_tok_s"] = sum(len(g[0].ids) for g in groups) / (time.time() - start)
         report[f"{backend}_torch_threads"] = torch.get_num_threads()
+        if backend == "vllm":  # |sampler - trainer| log-prob per token: what the clipped ratio sees at step 0
+            done = [g[0] for g in groups if g[0].ids]
+            with torch.no_grad():
+                lp, mask = sequence_logprobs(policy.model, [c.prompt_ids + c.ids for c in done],
+                                             [len(c.prompt_ids) for c in done])
+            gap = torch.cat([(lp[i][mask[i]].cpu() - torch.tensor(c.logprobs)).abs() for i, c in enumerate(done)])
+            report.update(logprob_gap_mean=gap.mean().item(), logprob_gap_max=gap.max().item())
     # training: one RL update on bench_prompts random sequences of bench_seq_len tokens
     gen = torch.Generator().manual_seed(0)
     L, B = cfg.bench_seq_len, cfg.bench_prompts

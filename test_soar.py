@@ -414,6 +414,20 @@ def test_sequence_logprobs_ignore_padding_and_prompt(tiny):
     assert torch.allclose(policy.model.lm_head.weight.grad, grad, atol=1e-5)
 
 
+def test_output_layer_runs_in_fp32_under_autocast(tiny, monkeypatch):
+    """Under bf16 autocast (the GPU's; CPU autocast stands in here) the body runs in bf16 but the
+    output layer must not: bf16 rounds a logit of 16-32 by up to 0.125, and the log-prob with it."""
+    policy, tok, _ = make_policy(tiny)
+    monkeypatch.setattr(soar, "autocast", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
+    seq = soar.chat_ids(tok, "What is 2+2?") + tok("\\boxed{4}", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs, _ = soar.sequence_logprobs(policy.model, [seq], [len(seq) - 9])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = policy.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, :-1]
+        exact = torch.nn.functional.linear(hidden.float(), policy.model.lm_head.weight).log_softmax(-1)
+    assert torch.allclose(logprobs[0], exact.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0], atol=1e-5)
+
+
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
 @pytest.mark.parametrize("sampler", ["hf", "vllm"])
 def test_rl_raises_reward_on_a_toy_task(tiny, algo, sampler, request):
@@ -1093,6 +1107,7 @@ def test_bench_prints_throughput_of_both_samplers(tiny, tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True).stdout
     report = json.loads(out[out.index("{"):])
     assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["train_tok_s"] > 0
+    assert 0 <= report["logprob_gap_mean"] < 1e-3  # fp32 on both sides on CPU
 
 
 def test_demo_model_converts_from_the_pypi_package(tmp_path):
