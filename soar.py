@@ -489,7 +489,8 @@ def autocast(model):
 # What runs in fp32 on GPU (the output layer in sequence_logprobs) uses TF32 tensor cores [ours]:
 # inputs rounded to 10 mantissa bits, sums in fp32 (estimated ~1e-3 on a logit, against bf16's
 # ~0.06). Plain fp32 would make the output layer cost about as much as the rest of a 3B model.
-torch.backends.cuda.matmul.fp32_precision = "tf32"
+torch.backends.cuda.matmul.allow_tf32 = True  # the older API: the newer one (fp32_precision) makes
+# torch.get_float32_matmul_precision() raise in any code that still asks (CPU matmuls are unchanged)
 
 
 def load_tokenizer(path):
