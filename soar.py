@@ -1495,8 +1495,7 @@ def run_jobs(jobs, gpus):
     def run_on_a_free_gpu(argv):
         gpu = free.get()
         try:
-            subprocess.run([sys.executable, __file__, *argv], check=True,
-                           env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+            run_script(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
         finally:
             free.put(gpu)
 
@@ -1519,7 +1518,6 @@ def pipeline(cfg, preset):
     """`./run.sh paper` = `python soar.py pipeline --preset paper`: every stage of the paper's
     evaluation. Each stage is a list of jobs (commands of this script) that skips finished work;
     jobs run one per GPU in parallel, SOAR runs over all GPUs with torchrun."""
-    import subprocess
     root, data, n_gpu = Path(cfg.out), Path(cfg.data_dir), torch.cuda.device_count()
     names, sources = cfg.datasets + [cfg.transfer], dict(s.split("=", 1) for s in cfg.sources)
     own = {"model", "out", "data", "resume", "teacher_reward", "output", "method", "dataset", "note", "shard",
@@ -1549,7 +1547,7 @@ def pipeline(cfg, preset):
                     "--teacher_reward", reward]
             if n_gpu:  # a process of its own, so its vLLM engines and GPU memory end with it
                 launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else []
-                subprocess.run([sys.executable, *launcher, __file__, *argv], check=True)
+                run_script(argv, launcher)
             else:
                 main(argv)
     # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
@@ -1955,10 +1953,10 @@ def command_help(command, preset):
 
 
 def main(argv):
-    if not argv or argv[0] in ("-h", "--help"):
+    command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
+    if command in ("-h", "--help") or (command == "report" and {"-h", "--help"} & set(rest)):
         print(__doc__)
         return
-    command, rest = argv[0], argv[1:]
     if command not in OPTIONS and command != "report":
         raise UserError(f"unknown command {command!r}; python soar.py --help lists the commands")
     if "LOCAL_RANK" in os.environ:  # torchrun: each worker sees only its own GPU, as cuda:0, before
