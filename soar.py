@@ -119,7 +119,7 @@ class Config:
     # --- data and the paper's pipeline (`pipeline`, `prepare`, `filter`) ---
     data: list = field(default_factory=lambda: ["runs/paper/filter/math_train.jsonl"])  # problem files (jsonl)
     out: str = "runs/paper"         # the folder a command writes: a run, or the pipeline's root
-    resume: str = ""                # a SOAR run folder to continue, with the configuration it started with
+    resume: str = ""                # a SOAR run to continue: its config.json, changed only by the flags given
     data_dir: str = "data"          # where `prepare` writes data/<name>.jsonl
     datasets: list = field(default_factory=lambda: ["math", "harp"])  # [paper]
     transfer: str = "olympiadbench"  # [paper] held-out transfer set
@@ -167,30 +167,24 @@ class UserError(ValueError):
 
 def parse_flags(argv):
     """{field: value} of `--key value` flags, typed like the field's default (a list field takes
-    several values)."""
+    several values; a bool flag alone means true)."""
     defaults, flags, i = Config(), {}, 0
     while i < len(argv):
-        key = argv[i][2:].replace("-", "_")
+        key, j = argv[i][2:].replace("-", "_"), i + 1
         if not argv[i].startswith("--") or key not in Config.__dataclass_fields__:
             raise UserError(f"unknown option {argv[i]!r} (--help lists the options)")
-        values = []
-        while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            values.append(argv[i + 1])
-            i += 1
-        i += 1
-        default = getattr(defaults, key)
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        values, default, i = argv[i + 1:j], getattr(defaults, key), j
         if isinstance(default, list):
             flags[key] = flags.get(key, []) + values
             continue
-        if len(values) > 1 or (not values and not isinstance(default, bool)):
+        if len(values) != 1 and not (isinstance(default, bool) and not values):
             raise UserError(f"--{key} takes one value")
         value = (values or ["true"])[0]
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
         try:
-            if isinstance(default, bool):
-                flags[key] = {"true": True, "1": True, "yes": True, "false": False, "0": False,
-                              "no": False}[value.lower()]
-            else:
-                flags[key] = type(default)(value)
+            flags[key] = truth[value.lower()] if isinstance(default, bool) else type(default)(value)
         except (KeyError, ValueError):
             raise UserError(f"--{key}: expected {type(default).__name__}, got {value!r}") from None
     return flags
@@ -344,10 +338,9 @@ def chat_ids(tokenizer, content):
 
 
 def check_fits(cfg, tok, paths=(), budgets=("max_new_tokens",), teacher=False):
-    """The start-up check: every prompt plus its token budget fits --max_model_len (vLLM stops at the
-    first sequence that does not: better now than at step 0 of a node-day). Data prompts get the
-    largest of `budgets`; teacher=True adds the teacher prompt, and a student prompt holding a
-    question as long as the teacher may write."""
+    """At start-up, not at step 0: every prompt plus its token budget fits --max_model_len. Data
+    prompts get the largest of `budgets`; teacher=True adds the teacher prompt and a student prompt
+    holding a question as long as the teacher may write."""
     student = lambda text: len(chat_ids(tok, STUDENT_PROMPT.format(problem=text)))
     flag = max(budgets, key=lambda f: getattr(cfg, f))
     checks = [(where, student(text_field(row, "problem", where)), flag)
@@ -1038,12 +1031,11 @@ def soar(cfg, probe=None):
     check_fits(cfg, tok, cfg.data if grounded else [], ["eval_max_new_tokens"], teacher=True)
     device = device_for(rank)
     if rank == 0:
-        if resuming:  # the run's config.json plus the flags given (make_config); say what they change
+        if resuming:  # the run's config.json plus the flags given (make_config): say what they change
             saved = json.loads((run / "config.json").read_text())
             changes = [f"--{k} {saved.get(k)} -> {v}" for k, v in dataclasses.asdict(cfg).items()
                        if k != "resume" and saved.get(k) != v]
-            print(f"resuming {run} at outer step {state['step']}" + (f"; changed: {', '.join(changes)}"
-                                                                      if changes else ""))
+            print(f"resuming {run} at outer step {state['step']}" + "; changed: " * bool(changes) + ", ".join(changes))
         run.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run / "config.json", dataclasses.asdict(cfg))
         keep_rows(run / "metrics.jsonl", lambda row: row["step"] < state["step"])
@@ -1188,17 +1180,13 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
 # ----- prepare: public releases -> data/<name>.jsonl rows {id, problem, answer, source, meta} -----
 
 DOWNLOADS = {  # where `prepare` reads each dataset: hf://OWNER/REPO@COMMIT (Hugging Face Hub), a URL or a path
-    # Hendrycks et al. MATH, the Hub copy evaluation harnesses moved to when the Berkeley MATH.tar
-    # link died (January 2025) and hendrycks/competition_math was taken down: parquet, one config
-    # per subject, <subject>/{train,test}-*.parquet of {problem, level, type, solution}; the answer is
-    # the solution's last \boxed{}. The commit: the parquet conversion (its PR #3, merged into main).
+    # Hendrycks et al. MATH: the Hub copy harnesses moved to when the Berkeley MATH.tar link died (2025);
+    # <subject>/{train,test}-*.parquet of {problem, level, type, solution}, the answer the last \boxed{}
     "math": "hf://EleutherAI/hendrycks_math@0bd4da3ba883718272d0e821efdf10b63c2ed3bf",
-    # HARP (Yue et al. 2024): one member HARP.jsonl, the short-answer set {problem, answer, level,
-    # subject, year, contest, number, ...}.
+    # HARP (Yue et al. 2024): HARP.jsonl, the short-answer set {problem, answer, level, subject, year, ...}
     "harp": "https://github.com/aadityasingh/HARP/raw/main/HARP.jsonl.zip",
-    # OlympiadBench (He et al. 2024), the authors' copy on the Hub; we read the config
-    # OE_TO_maths_en_COMP (English, text-only, open-ended math): {id, context, question,
-    # final_answer: [...], ...}. The release zip (data/OE_TO_maths_en_COMP.json) reads the same.
+    # OlympiadBench (He et al. 2024), the authors' Hub copy; the config OE_TO_maths_en_COMP (English,
+    # text-only, open-ended math) of {id, context, question, final_answer: [...]}, as in their zip
     "olympiadbench": "hf://Hothan/OlympiadBench@91184b52131e7fc9455fef848035173aea8cc01a",
 }
 SUBSET = {"harp": "HARP.jsonl", "olympiadbench": "OE_TO_maths_en_COMP"}  # the file or Hub config we read
@@ -1221,9 +1209,8 @@ def download(url, folder):
 
 
 def hub_snapshot(spec, name):
-    """hf://OWNER/REPO[@REVISION]: the dataset's parquet files, through huggingface_hub's cache as
-    `datasets` would (HF_HOME sets where; HF_HUB_OFFLINE=1 reads only the cache). Returns the local
-    folder and the commit it holds."""
+    """hf://OWNER/REPO[@REVISION] -> (a local folder of the dataset's parquet files, its commit), through
+    huggingface_hub's cache as `datasets` would (HF_HOME, HF_HUB_OFFLINE=1: the cache only)."""
     from huggingface_hub import snapshot_download
     repo, _, revision = spec[len("hf://"):].partition("@")
     try:
@@ -1477,11 +1464,19 @@ def select_promoted_student(cfg, run):
     return best
 
 
+def run_script(argv, launcher=(), env=None):
+    """This script as a child process. If it fails, this one ends with its exit status and no
+    traceback of its own: the child has said why (a user error: one line, status 2)."""
+    import subprocess
+    returncode = subprocess.run([sys.executable, *launcher, __file__, *argv], env=env).returncode
+    if returncode:
+        raise SystemExit(returncode)
+
+
 def run_jobs(jobs, gpus):
     """Run independent jobs (argv lists of this script), one per GPU at a time; on a machine
     without GPUs, in this process one after another."""
     import queue
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
     if not gpus:
         for argv in jobs:
@@ -1966,9 +1961,6 @@ def main(argv):
         mine = visible[local] if len(visible) > local and visible[local] else str(local)
         os.environ["CUDA_VISIBLE_DEVICES"] = mine
     if command == "report":  # python soar.py report RUN_DIR... [--out FOLDER]
-        if "--help" in rest or "-h" in rest:
-            print(__doc__)
-            return
         out = rest[rest.index("--out") + 1] if "--out" in rest else "report"
         runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]
         print(render_report(runs, out))
@@ -1976,10 +1968,8 @@ def main(argv):
     preset = "paper"
     if "--preset" in rest:
         i = rest.index("--preset")
-        preset = rest[i + 1] if i + 1 < len(rest) else ""
-        rest = rest[:i] + rest[i + 2:]
-    if "--help" in rest or "-h" in rest:
-        make_config([], preset)  # an unknown preset is named before anything is printed
+        preset, rest = (rest + [""])[i + 1], rest[:i] + rest[i + 2:]
+    if {"-h", "--help"} & set(rest):
         print(command_help(command, preset))
         return
     if command in ("eval", "filter"):  # `--n N --k 1,2,4` (eval) and `--k 128` (filter), as in the paper
