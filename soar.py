@@ -18,11 +18,12 @@ Read it top to bottom; it follows the algorithm.
     8. small models, bench  the demo and test models; sampling and training throughput
     9. the command line
 
-Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field.
+Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field;
+COMMAND --help lists the options it reads, with their defaults and why ([paper] or [ours]).
     train      RL with verifiable rewards on jsonl problems (Hard-Only; the protocol's trainings)
     eval       pass@k (--n N --k 1,2,4,...) and greedy accuracy on jsonl problems, as JSON
     soar       the meta-RL loop (torchrun for several GPUs); Intrinsic-T: --teacher_reward learnability
-    prepare    --dataset math|harp|olympiadbench [--source PATH_OR_URL] -> data/<name>.jsonl
+    prepare    --dataset math|harp|olympiadbench [--source hf://REPO@COMMIT|URL|PATH] -> data/<name>.jsonl
     filter     --data FILE --k 128: fail@k counts and the 50/50 train/test split of the unsolved
     questions  --model TEACHER --output FILE: questions sampled from a trained teacher
     select_ps  --out SOAR_RUN --data VAL: the promoted student with the best validation accuracy
@@ -1211,14 +1212,18 @@ def download(url, folder):
 def hub_snapshot(spec, name):
     """hf://OWNER/REPO[@REVISION] -> (a local folder of the dataset's parquet files, its commit), through
     huggingface_hub's cache as `datasets` would (HF_HOME, HF_HUB_OFFLINE=1: the cache only)."""
+    import fnmatch
     from huggingface_hub import snapshot_download
     repo, _, revision = spec[len("hf://"):].partition("@")
+    pattern = f"*{SUBSET.get(name, '')}*.parquet"  # MATH: every config; OlympiadBench: one
     try:
-        folder = snapshot_download(repo, repo_type="dataset", revision=revision or "main",
-                                   allow_patterns=f"*{SUBSET.get(name, '')}*.parquet")
+        folder = snapshot_download(repo, repo_type="dataset", revision=revision or "main", allow_patterns=pattern)
     except Exception as e:  # offline, unknown repo or revision: the user's to fix, so one line
         raise UserError(f"{spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                         f"(a local copy: --sources {name}=PATH)") from None
+    if not any(fnmatch.fnmatch(str(p.relative_to(folder)), pattern) for p in Path(folder).rglob("*.parquet")):
+        raise UserError(f"{spec}: no parquet file matching {pattern} at that revision (a local copy: --sources "
+                        f"{name}=PATH)")
     return Path(folder), Path(folder).name  # the cache names a snapshot's folder after its commit
 
 

@@ -987,6 +987,17 @@ def test_prepare_downloads_the_default_sources_through_the_hub_cache(tmp_path):
     assert r.returncode == 2 and "(a local copy: --sources math=PATH)" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_hub_revision_without_the_configs_parquet_files_is_named(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    commit = "0" * 40
+    snapshot = tmp_path / "datasets--Hothan--OlympiadBench" / "snapshots" / commit
+    write_parquet(snapshot / "OE_TO_physics_en_COMP" / "train" / "0000.parquet", [{"id": 1}])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # what HF_HUB_CACHE sets
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(soar.UserError, match=r"no parquet file matching \*OE_TO_maths_en_COMP\*\.parquet"):
+        soar.prepare("olympiadbench", f"hf://Hothan/OlympiadBench@{commit}", tmp_path / "data")
+
+
 def test_question_diversity():
     same = soar.question_diversity(["What is the sum of 2 and 3?"] * 50)
     varied = soar.question_diversity(["What is the sum of 2 and 3?", "Find the area of a circle of radius 4.",
