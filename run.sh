@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The two commands (see README):
-#   ./run.sh         set up on first use, then the demo on a machine without a GPU, the paper
-#                    pipeline on a machine with GPUs
+#   ./run.sh         set up on first use, then: without a GPU, one seed of the lab (SOAR against
+#                    Hard-Only and the oracle curriculum, ~10 minutes); with GPUs, the paper pipeline
 #   ./run.sh test    set up what the tests need, then run test_soar.py
-# Also: ./run.sh demo | paper | setup
+# Also: ./run.sh lab (all methods, 3 seeds, ~45 minutes) | demo (SmolLM2 through vLLM) | paper | setup
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -33,13 +33,21 @@ setup() {  # idempotent: a stamp records what was installed; a changed requireme
 }
 
 mode=${1:-auto}
-[ "$mode" = auto ] && { has_gpu && mode=paper || mode=demo; }
+[ "$mode" = auto ] && { has_gpu && mode=paper || mode=quick; }
 case "$mode" in
   setup) setup ;;
   test)
     setup pytest hypothesis matplotlib pyarrow math-verify==0.9.0  # math-verify: the grader test's oracle
     shift || true
     exec "$VENV/bin/python" -m pytest -q test_soar.py "$@" ;;
+  quick)  # one seed of the lab: SOAR against Hard-Only and the oracle curriculum, with the plots
+    setup matplotlib
+    exec "$VENV/bin/python" soar.py lab --out runs/lab-quick --seeds 1 --soar_seeds 1 \
+      --methods Base Hard-Only SOAR-PS SOAR-PQ Oracle ;;
+  lab)  # the lab's whole comparison: every method, 3 seeds (flags: --seed S --seeds N --out DIR ...)
+    setup matplotlib
+    shift || true
+    exec "$VENV/bin/python" soar.py lab "$@" ;;
   demo)
     setup
     exec "$VENV/bin/python" soar.py soar --preset demo ;;
@@ -47,5 +55,5 @@ case "$mode" in
     setup matplotlib pyarrow
     shift || true
     exec "$VENV/bin/python" soar.py pipeline --preset paper "$@" ;;
-  *) echo "usage: ./run.sh [test|demo|paper|setup]" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh [test|lab|demo|paper|setup]" >&2; exit 2 ;;
 esac

@@ -28,6 +28,7 @@ COMMAND --help lists the options it reads, with their defaults and why ([paper] 
     questions  --model TEACHER --output FILE: questions sampled from a trained teacher
     select_ps  --out SOAR_RUN --data VAL: the promoted student with the best validation accuracy
     pipeline   everything above in order, skipping finished work (./run.sh paper)
+    lab        the pipeline in the lab's world: SOAR against the baselines on a laptop CPU (./run.sh lab)
     report     RUN_DIR... [--out FOLDER]: pass@k tables, the paper's claims beside ours, plots
     bench      sampling tokens/s per backend, training tokens/s (MFU and peak memory on GPU)
 """
@@ -66,6 +67,10 @@ except ImportError:  # progress bars are a nicety, never a requirement
 # ================================================================================================
 # One flat config for every command, nanoGPT style: defaults below, a preset on top, then
 # `--key value` flags. [paper] = stated in Sundaram et al. 2026; [ours] = our choice.
+
+
+# The methods of the paper's evaluation protocol (Section 4); "Oracle" is the lab's upper bound.
+METHODS = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PS", "SOAR-PQ", "Upper bound", "Oracle"]
 
 
 @dataclass
@@ -131,6 +136,12 @@ class Config:
     shard: int = 0                  # `filter`: this job samples problems i with i % shards == shard
     shards: int = 1                 # `filter`: jobs that share the problems (the pipeline: one per GPU)
     seeds: int = 3                  # [ours] seeds per protocol training
+    soar_seeds: int = 1             # [ours] SOAR and Intrinsic-T runs per dataset (hours each at 3B); seed t
+                                    #        of the protocol uses run t % soar_seeds
+    methods: list = field(default_factory=lambda: list(METHODS))  # the methods the pipeline trains and evaluates
+    curve_data: str = ""            # `train`, `select_ps`: held-out problems for learning curves
+    curve_every: int = 0            # [ours] `train`: greedy accuracy on curve_data every N steps (0: never)
+    cpu_jobs: int = 1               # [ours] `pipeline` without GPUs: jobs run at a time (1 thread each)
     protocol_group_size: int = 32   # [paper] Hard-Only group size (Hard-Only-4x: 128, matched compute)
     intrinsic_questions: int = 128  # [paper] questions sampled from the Intrinsic-T teacher
     output: str = ""                # `eval`, `questions`: also write the result to this file
@@ -150,6 +161,13 @@ PRESETS = {
                  inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
                  max_model_len=768, micro_batch_tokens=4096, window=2, tau=-0.001),
+    # The lab (section 8): the paper's comparison on a laptop CPU, `python soar.py lab`. Sizes: one
+    # SOAR seed in ~5 minutes on 2 cores; the student's lr is a small model's (1e-6 would not move it).
+    "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
+                sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=32, inner_steps=10,
+                inner_batch=8, group_size=8, lr=1e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
+                eval_max_new_tokens=16, max_model_len=256, micro_batch_tokens=4096, filter_k=32, seeds=3,
+                soar_seeds=3, steps=40, save_every=40, curve_every=5, intrinsic_questions=128),
     # A tiny model for the tests and the pre-flight check: `main` builds it (build_tiny_model) when
     # --model is not given. Its character tokenizer makes prompts long: the teacher's is 275 tokens.
     "test": dict(model="", data=["data/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1,
@@ -812,10 +830,13 @@ def train(cfg, reward_fn=grader.grade):
     write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     metrics = out / "metrics.jsonl"
     keep_rows(metrics, lambda row: row["step"] < step)  # drop rows of steps the checkpoint does not hold
+    curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []
     for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
         rng = random.Random(f"{cfg.seed}-train-{step}")  # a function of the step: resume-safe
         batch = rng.sample(problems, min(cfg.batch_size, len(problems)))
         row = {"step": step, **rl_step(policy, tok, batch, cfg, seed_of(cfg.seed, "train", step), reward_fn)}
+        if curve and (step + 1) % cfg.curve_every == 0:  # a learning curve on held-out problems
+            row["curve_acc"] = greedy_accuracy(policy, tok, curve, cfg.eval_max_new_tokens)
         append_jsonl(metrics, row)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(ckpt, policy, tok, {"step": step + 1}, final=step + 1 == cfg.steps)
@@ -1458,14 +1479,18 @@ def select_promoted_student(cfg, run):
     never worse on validation than where it started). One engine serves all candidates (same
     architecture): only the weights are swapped."""
     tok, validation = load_tokenizer(cfg.model), load_problems(cfg.data)
+    curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []  # the report's curve
     check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"])
     student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
-    scores = {cfg.model: greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)}
-    for folder in sorted((Path(run) / "students").glob("step_*")):
-        student.set_state(load_state(folder))
-        scores[str(folder)] = greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)
+    scores, test = {}, {}  # the choice reads only `scores` (validation); `test` is for the learning curve
+    for folder in [cfg.model] + [str(f) for f in sorted((Path(run) / "students").glob("step_*"))]:
+        if folder != cfg.model:
+            student.set_state(load_state(folder))
+        scores[folder] = greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)
+        test.update({folder: greedy_accuracy(student, tok, curve, cfg.eval_max_new_tokens)} if curve else {})
     best = max(scores, key=lambda m: (scores[m], m != cfg.model))  # ties go to a promoted student
-    write_json_atomic(Path(run) / "promoted_student.json", {"best": best, "val_accuracy": scores})
+    write_json_atomic(Path(run) / "promoted_student.json", {"best": best, "val_accuracy": scores,
+                                                             "curve_accuracy": test})
     return best
 
 
@@ -1478,29 +1503,31 @@ def run_script(argv, launcher=(), env=None):
         raise SystemExit(returncode)
 
 
-def run_jobs(jobs, gpus):
-    """Run independent jobs (argv lists of this script), one per GPU at a time; on a machine
-    without GPUs, in this process one after another."""
+def run_jobs(jobs, cfg):
+    """Run independent jobs (argv lists of this script) in parallel: one per GPU at a time, or without
+    GPUs cfg.cpu_jobs at a time as child processes of one thread each (1: in this process, in turn)."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
-    if not gpus:
+    n_gpu = torch.cuda.device_count()
+    if not n_gpu and cfg.cpu_jobs <= 1:
         for argv in jobs:
             main(argv)
         return
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # the GPUs this process was given
+    slots = [{"CUDA_VISIBLE_DEVICES": visible[g] if len(visible) > g and visible[g] else str(g)} for g in range(n_gpu)]
     free = queue.Queue()
-    for gpu in gpus:
-        free.put(visible[gpu] if len(visible) > gpu and visible[gpu] else str(gpu))
+    for slot in slots or [{"OMP_NUM_THREADS": "1"}] * cfg.cpu_jobs:  # small models: processes beat threads
+        free.put(slot)
 
-    def run_on_a_free_gpu(argv):
-        gpu = free.get()
+    def run_in_a_free_slot(argv):
+        slot = free.get()
         try:
-            run_script(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+            run_script(argv, env={**os.environ, **slot})
         finally:
-            free.put(gpu)
+            free.put(slot)
 
-    with ThreadPoolExecutor(len(gpus)) as pool:
-        list(pool.map(run_on_a_free_gpu, jobs))  # list(): re-raises the first failure
+    with ThreadPoolExecutor(free.qsize()) as pool:
+        list(pool.map(run_in_a_free_slot, jobs))  # list(): re-raises the first failure
 
 
 def user_flags(cfg, preset, leave_out=()):
@@ -1517,16 +1544,19 @@ def user_flags(cfg, preset, leave_out=()):
 def pipeline(cfg, preset):
     """`./run.sh paper` = `python soar.py pipeline --preset paper`: every stage of the paper's
     evaluation. Each stage is a list of jobs (commands of this script) that skips finished work;
-    jobs run one per GPU in parallel, SOAR runs over all GPUs with torchrun."""
+    jobs run one per GPU in parallel, SOAR runs over all GPUs with torchrun. `python soar.py lab` is
+    the same pipeline on the lab's world (section 8), where the upper bound is the oracle curriculum."""
     root, data, n_gpu = Path(cfg.out), Path(cfg.data_dir), torch.cuda.device_count()
-    names, sources = cfg.datasets + [cfg.transfer], dict(s.split("=", 1) for s in cfg.sources)
+    names, sources = cfg.datasets + [cfg.transfer] * bool(cfg.transfer), dict(s.split("=", 1) for s in cfg.sources)
     own = {"model", "out", "data", "resume", "teacher_reward", "output", "method", "dataset", "note", "shard",
-           "shards"}  # set per job below (a later flag wins; a list flag would add up)
+           "shards", "curve_data"}  # set per job below (a later flag wins; a list flag would add up)
     base = ["--preset", preset, *user_flags(cfg, preset, own), "--model", cfg.model, "--out", str(root)]
     fil = lambda name, part: f"{root / 'filter' / name}_{part}.jsonl"
-    run = lambda jobs: run_jobs([argv for done, argv in jobs if not done], list(range(n_gpu)))
-    # 1. data: the public releases in one schema (CPU only)
-    files = {name: [str(p) for p in prepare(name, sources.get(name), data)] for name in names}
+    run = lambda jobs: run_jobs([argv for done, argv in jobs if not done], cfg)
+    wanted = lambda *methods: bool(set(methods) & set(cfg.methods))
+    # 1. data: the public releases in one schema (CPU only), or the lab's generated world
+    files = {name: [str(lab_world(data)["hard"])] if name == "lab" else
+             [str(p) for p in prepare(name, sources.get(name), data)] for name in names}
     check_fits(cfg, load_tokenizer(cfg.model), [f for name in names for f in files[name]],  # before any GPU time
                ["max_new_tokens", "eval_max_new_tokens"], teacher=True)
     # 2. fail@k of the base model, one shard per GPU: data/<name> -> filter/<name>_{counts,train,val,test}
@@ -1539,51 +1569,64 @@ def pipeline(cfg, preset):
             fail_at_k(dataclasses.replace(cfg, shards=1, shard=0), files[name], cfg.filter_k, root / "filter" / name,
                       split=name != cfg.transfer)
     # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
+    #    (soar_seeds runs each; the protocol's seed t uses run t % soar_seeds)
+    run_dir = lambda kind, name, s: root / (f"{kind}_{name}" + (f"_seed{s}" if cfg.soar_seeds > 1 else ""))
     for name in cfg.datasets:
-        for kind, reward in (("soar", "grounded"), ("intrinsic", "learnability")):
-            if committed_step(root / f"{kind}_{name}" / "teacher") >= cfg.outer_steps:
-                continue
-            argv = ["soar", *base, "--data", fil(name, "train"), "--out", str(root / f"{kind}_{name}"),
-                    "--teacher_reward", reward]
-            if n_gpu:  # a process of its own, so its vLLM engines and GPU memory end with it
-                launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else []
-                run_script(argv, launcher)
-            else:
-                main(argv)
+        for s in range(cfg.soar_seeds):
+            for kind, reward in (("soar", "grounded"), ("intrinsic", "learnability")):
+                out = run_dir(kind, name, s)
+                if committed_step(out / "teacher") >= cfg.outer_steps or \
+                        not wanted(*(["SOAR-PS", "SOAR-PQ"] if kind == "soar" else ["Intrinsic-T"])):
+                    continue
+                argv = ["soar", *base, "--data", fil(name, "train"), "--out", str(out), "--teacher_reward", reward,
+                        "--seed", str(cfg.seed + s)]
+                if n_gpu:  # a process of its own, so its vLLM engines and GPU memory end with it
+                    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else []
+                    run_script(argv, launcher)
+                else:
+                    main(argv)
     # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
-    run([(Path(root / f"intrinsic_{name}" / "questions.jsonl").exists(),
-          ["questions", *base, "--model", str(root / f"intrinsic_{name}" / "teacher"),
-           "--output", str(root / f"intrinsic_{name}" / "questions.jsonl")]) for name in cfg.datasets] +
-        [((root / f"soar_{name}" / "promoted_student.json").exists(),
-          ["select_ps", *base, "--out", str(root / f"soar_{name}"), "--data", fil(name, "val")])
-         for name in cfg.datasets])
+    soar_runs = [(name, s) for name in cfg.datasets for s in range(cfg.soar_seeds)]
+    run([((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
+          ["questions", *base, "--model", str(run_dir("intrinsic", n, s) / "teacher"), "--seed", str(cfg.seed + s),
+           "--output", str(run_dir("intrinsic", n, s) / "questions.jsonl")]) for n, s in soar_runs] +
+        [((run_dir("soar", n, s) / "promoted_student.json").exists() or not wanted("SOAR-PS", "SOAR-PQ"),
+          ["select_ps", *base, "--out", str(run_dir("soar", n, s)), "--data", fil(n, "val"),
+           "--curve_data", fil(n, "test")]) for n, s in soar_runs])
     math_train = read_jsonl(data / "math_train.jsonl") if (data / "math_train.jsonl").exists() else []
     trainings, models = [], []  # models: (method, dataset, seed, model folder, note) to evaluate
     for name in cfg.datasets:
+        upper = "Oracle" if name == "lab" else "Upper bound"  # the lab's upper bound: its oracle curriculum
         if not Path(fil(name, "upper")).exists():
-            rows, counts = upper_bound(math_train, read_jsonl(fil(name, "test")))
+            source = read_jsonl(data / "lab_oracle.jsonl") if name == "lab" else math_train
+            rows, counts = upper_bound(source, read_jsonl(fil(name, "test")))
             write_jsonl_atomic(fil(name, "upper"), rows)
             meta = root / "filter" / f"{name}_meta.json"
             write_json_atomic(meta, {**(json.loads(meta.read_text()) if meta.exists() else {}), "upper": counts})
-        pq, questions = root / f"soar_{name}" / "promotion_questions.jsonl", root / f"intrinsic_{name}" / "questions.jsonl"
-        methods = {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
-                   "SOAR-PQ": [str(pq), fil(name, "train")], "Intrinsic-T": [str(questions), fil(name, "train")],
-                   "Upper bound": [fil(name, "upper"), fil(name, "train")]}
-        methods = {m: [p for p in paths if read_jsonl(p, ())] for m, paths in methods.items()}  # empty files: left out
-        ps = json.loads((root / f"soar_{name}" / "promoted_student.json").read_text())["best"]
         hard_only = "so it trained on the hard split alone: Hard-Only under another name"
-        notes = {"SOAR-PQ": f"degenerate: no promotion in soar_{name}, {hard_only}" if not read_jsonl(pq, ()) else "",
-                 "Intrinsic-T": f"degenerate: no parseable question from the teacher, {hard_only}"
-                 if not read_jsonl(questions, ()) else "",
-                 "SOAR-PS": f"degenerate: no promotion in soar_{name}, so PS is the base model" if ps == cfg.model else ""}
         for seed in range(cfg.seeds):
-            models += [("Base", name, seed, cfg.model, ""), ("SOAR-PS", name, seed, ps, notes["SOAR-PS"])]
+            soar_run, intrinsic = run_dir("soar", name, seed % cfg.soar_seeds), run_dir("intrinsic", name, seed % cfg.soar_seeds)
+            pq, questions = soar_run / "promotion_questions.jsonl", intrinsic / "questions.jsonl"
+            methods = {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
+                       "SOAR-PQ": [str(pq), fil(name, "train")], "Intrinsic-T": [str(questions), fil(name, "train")],
+                       upper: [fil(name, "upper"), fil(name, "train")]}
+            methods = {m: [p for p in paths if Path(p).exists() and read_jsonl(p, ())]  # empty files: left out
+                       for m, paths in methods.items() if wanted(m)}
+            ps = json.loads((soar_run / "promoted_student.json").read_text())["best"] if wanted("SOAR-PS") else None
+            notes = {"SOAR-PQ": f"degenerate: no promotion in {soar_run.name}, {hard_only}"
+                     if wanted("SOAR-PQ") and not read_jsonl(pq, ()) else "",
+                     "Intrinsic-T": f"degenerate: no parseable question from the teacher, {hard_only}"
+                     if wanted("Intrinsic-T") and not read_jsonl(questions, ()) else "",
+                     "SOAR-PS": f"degenerate: no promotion in {soar_run.name}, so PS is the base model"
+                     if ps == cfg.model else ""}
+            models += [(m, name, seed, model, notes.get(m, "")) for m, model in (("Base", cfg.model), ("SOAR-PS", ps))
+                       if wanted(m)]
             for method, paths in methods.items():
                 out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
                 group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)  # [paper] 32 and 128
                 trainings.append((committed_step(out / "checkpoint") >= cfg.steps,
                                   ["train", *base, "--seed", str(cfg.seed + seed), "--out", str(out), "--group_size",
-                                   str(group), "--data", *paths]))
+                                   str(group), "--curve_data", fil(name, "test"), "--data", *paths]))
                 models.append((method, name, seed, str(out / "checkpoint"), notes.get(method, "")))
     # 5. the trainings of the protocol, then pass@k on the fail@k test split of their dataset (and
     #    on OlympiadBench, the held-out transfer set, for models trained on MATH)
@@ -1603,7 +1646,6 @@ def pipeline(cfg, preset):
 # ----- the report: pass@k tables beside the paper's claims, teacher curves, question diversity -----
 
 KS = ["1", "2", "4", "8", "16", "32"]
-METHODS = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PS", "SOAR-PQ", "Upper bound"]
 PAPER_CLAIMS = [  # (dataset, method, against, k, "ratio" or "diff", what the paper reports)
     ("math", "SOAR-PQ", "Base", "1", "ratio", "~4x"), ("math", "SOAR-PS", "Base", "1", "ratio", "~4x"),
     ("math", "SOAR-PQ", "Base", "32", "ratio", "~2x"), ("math", "SOAR-PS", "Base", "32", "ratio", "~2x"),
@@ -1637,6 +1679,60 @@ def pyplot():
         return plt
     except ImportError:
         return None
+
+
+def tier_shares(question_files):
+    """The lab's world only: per band of tiers (K operands), its share of each outer step's rollouts,
+    and the share of rollouts that are lab questions with the right answer. {} for other worlds."""
+    bands = {"K " + "-".join(map(str, sorted({ks[0], ks[-1]}))): ks for ks in (LAB["student_k"], LAB["oracle_k"], LAB["hard_k"])}
+    rows = [read_jsonl(f, ()) for f in question_files]
+    tiers = [[lab_tier(q["question"]) for q in step] for step in rows]
+    if not any(map(any, tiers)):
+        return {}
+    shares = {name: [sum(k in ks for k in step) / len(step) for step in tiers] for name, ks in bands.items()}
+    shares["answer right"] = [sum(k is not None and q["answer"] == str(sum(map(int, q["question"][8:-1].split("+"))))
+                                  for k, q in zip(step, qs)) / len(qs) for step, qs in zip(tiers, rows)]
+    return shares
+
+
+def learning_curves(run_dirs, out_dir, plt):
+    """Greedy accuracy on the test split as training goes: the baseline student of each SOAR run
+    against outer step (promoted_student.json scores every promoted student), and each `train` run
+    against RL step (its curve_acc rows). Writes curves.json and curves.png; returns report lines."""
+    import statistics
+    curves = {}
+    for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/promoted_student.json")}):
+        acc, steps = json.loads(f.read_text()).get("curve_accuracy"), len(read_jsonl(f.parent / "metrics.jsonl", ()))
+        if acc:  # the baseline changes only at promotions: student step_XXXX is the baseline from XXXX + 1 on
+            points = [(0, acc.pop(next(iter(acc))))] + [(int(m.rsplit("_", 1)[1]) + 1, a) for m, a in acc.items()]
+            curves[f.parent.name] = [(t, next(a for s, a in reversed(points) if s <= t)) for t in range(steps + 1)]
+    for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/train/*/metrics.jsonl")}):
+        points = [(r["step"] + 1, r["curve_acc"]) for r in read_jsonl(f, ()) if "curve_acc" in r]
+        if points:
+            curves[f.parent.name] = points
+    if not curves:
+        return []
+    write_json_atomic(out_dir / "curves.json", curves)
+    if plt:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+        by_method = {}  # train runs: Method_dataset_seedN -> the mean over seeds, per method
+        for name, points in curves.items():
+            if "_seed" in name and name.split("_")[0] not in ("soar", "intrinsic"):
+                by_method.setdefault(name.rsplit("_", 2)[0].replace("_", " "), []).append(points)
+            else:
+                axes[0].step(*zip(*points), where="post", label=name)
+        for method, runs in by_method.items():
+            steps = sorted({s for points in runs for s, _ in points})
+            axes[1].plot(steps, [statistics.fmean(dict(p)[s] for p in runs if s in dict(p)) for s in steps],
+                         marker=".", label=f"{method} ({len(runs)} seeds)")
+        axes[0].set(xlabel="outer step", ylabel="greedy accuracy on the test split", title="SOAR: the baseline student")
+        axes[1].set(xlabel="RL step", title="trainings of the protocol (mean over seeds)")
+        for ax in axes:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "curves.png", dpi=120)
+        plt.close(fig)
+    return ["Learning curves (greedy accuracy on the test split): curves.json, curves.png.", ""]
 
 
 def render_report(run_dirs, out_dir):
@@ -1684,8 +1780,14 @@ def render_report(run_dirs, out_dir):
             fig.tight_layout()
             fig.savefig(out_dir / f"passk_{ds}.png", dpi=120)
             plt.close(fig)
-    md += ["## The paper's claims beside ours", "", "| dataset | comparison | k | paper | ours |", "|---|---|---|---|---|"]
-    for ds, m, base, k, kind, paper in PAPER_CLAIMS:
+    flat = {m if len({d for d, _ in results}) == 1 else f"{m} ({ds})": {f"pass@{k}": values(ds, m, k) for k in ("1", "8")}
+            | {"greedy": values(ds, m, "greedy")} for ds, m in results if (ds, m) not in notes}
+    write_json_atomic(out_dir / "results.json", flat)  # per method, one value per seed
+    md += learning_curves(run_dirs, out_dir, plt)
+    claims = [c for c in PAPER_CLAIMS if c[0] in {d for d, _ in results}]  # the lab's world has none
+    md += ["## The paper's claims beside ours", "", "| dataset | comparison | k | paper | ours |",
+           "|---|---|---|---|---|"] if claims else []
+    for ds, m, base, k, kind, paper in claims:
         a, b = mean(values(ds, m, k)), mean(values(ds, base, k))
         if (ds, m) in notes or (ds, base) in notes:
             ours = f"n/a: {m if (ds, m) in notes else base} degenerate"
@@ -1720,8 +1822,11 @@ def render_report(run_dirs, out_dir):
             top.scatter(promoted, [r["moving_avg"] for r in rows if r["promoted"]], color="red", marker="^",
                         label="promotion", zorder=3)
             top.legend(fontsize=7)
-            bottom.plot(steps, [r["parse_rate"] for r in rows])
-            bottom.set(xlabel="outer step", ylabel="parse rate")
+            bottom.plot(steps, [r["parse_rate"] for r in rows], color="black", label="parse rate")
+            for band, share in tier_shares(files).items():  # the lab's world: which tiers the teacher writes
+                bottom.plot(steps[:len(share)], share, label=band, alpha=0.8)
+            bottom.set(xlabel="outer step", ylabel="share of rollouts")
+            bottom.legend(fontsize=6, ncol=2)
             fig.tight_layout()
             fig.savefig(out_dir / f"teacher_{name}.png", dpi=120)
             plt.close(fig)
@@ -1796,40 +1901,30 @@ def char_tokenizer():
     return tok
 
 
-def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
-    """A 2-layer Llama with a character-level tokenizer and a chat template, saved to folder.
-    Small enough that a test RL run takes seconds on a CPU; real enough that vLLM serves it.
-
-    Random weights alone never write a parseable question, so the teacher and student paths would go
-    untested. A short supervised warm-up (a few seconds) on toy addition teaches it the two formats:
-    teacher prompt -> "Question: What is a+b?\nAnswer: \\boxed{c}", problem -> "\\boxed{c}". It
-    stays wrong often, which is what RL needs."""
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
+def small_llama(folder, tok, sample, steps, hidden, layers, batch, lr=3e-3, decay=False, seed=0):
+    """A small Llama built from a config (no hub), warmed up by supervised steps on (prompt, reply)
+    pairs from sample(rng, step), saved with its tokenizer to folder. head_dim 32: the smallest
+    vLLM's CPU kernels take. decay: warm up the lr over 30 steps, then decay it linearly to 10%."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    tok = char_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=(4 if decay else 2) * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=max(1, hidden // 64),
                          max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False)  # head_dim 32: the smallest vLLM's CPU kernels take
-    model = LlamaForCausalLM(config)
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(warmup_steps):
-        texts = []
-        for _ in range(16):
-            a, b = rng.randrange(10), rng.randrange(10)
-            q = f"What is {a}+{b}?"
-            prompt, reply = rng.choice([(TEACHER_PROMPT, f"Question: {q}\nAnswer: \\boxed{{{a + b}}}"),
-                                        (STUDENT_PROMPT.format(problem=q), f"\\boxed{{{a + b}}}")])
-            texts.append((chat_ids(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"] + [2]))
+                         tie_word_embeddings=False)
+    model, rng = LlamaForCausalLM(config), random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1, (t + 1) / 30) * max(0.1, 1 - t / steps)
+                                                 if decay else 1.0)
+    for step in tqdm(range(steps), desc="warm-up", disable=steps < 500):
+        pairs = [sample(rng, step) for _ in range(batch)]
+        texts = [(chat_ids(tok, p), tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for p, r in pairs]
         logprobs, mask = sequence_logprobs(model, [p + r for p, r in texts], [len(p) for p, _ in texts])
         loss = -(logprobs * mask).sum() / mask.sum()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) if decay else None
         opt.step()
         opt.zero_grad()
+        schedule.step()
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # torchrun's workers all build it
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -1837,6 +1932,85 @@ def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
         os.replace(tmp, folder)
     except OSError:  # another worker's copy (same seed, same model) is in place already
         shutil.rmtree(tmp)
+    return folder
+
+
+def build_tiny_model(folder, seed=0):
+    """The test preset's model: a 2-layer Llama with a character-level tokenizer. Small enough that a
+    test RL run takes seconds on a CPU; real enough that vLLM serves it.
+
+    Random weights alone never write a parseable question, so the teacher and student paths would go
+    untested. A short supervised warm-up (a few seconds) on toy addition teaches it the two formats:
+    teacher prompt -> "Question: What is a+b?\nAnswer: \\boxed{c}", problem -> "\\boxed{c}". It
+    stays wrong often, which is what RL needs."""
+    def sample(rng, step):
+        a, b = rng.randrange(10), rng.randrange(10)
+        q = f"What is {a}+{b}?"
+        return rng.choice([(TEACHER_PROMPT, f"Question: {q}\nAnswer: \\boxed{{{a + b}}}"),
+                           (STUDENT_PROMPT.format(problem=q), f"\\boxed{{{a + b}}}")])
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        small_llama(folder, char_tokenizer(), sample, steps=150, hidden=64, layers=2, batch=16, seed=seed)
+    return folder
+
+
+# ----- the lab: a world small enough to watch SOAR work on a laptop CPU (`python soar.py lab`) -----
+# The problems are sums of K single digits, "What is 3+5+2?" -> 10; the difficulty knob is K. The
+# lab model is a 0.8M-parameter Llama warmed up from scratch the way a pretrained LM is made: mostly
+# on *text* of problems with their answers, "Question: What is ...?\nAnswer: \boxed{...}" (the
+# teacher's format), K up to 8, and instruction-tuned as a solver (the student's format) only on
+# K up to 3. So, as a writer of problems, it has seen long sums (its answers to them are often
+# wrong); as a student it solves none of 6 or more digits (fail@32). That is the situation SOAR is
+# built for: a model that can write stepping stones toward problems it cannot solve (the paper's
+# premise). Nothing tells the teacher the tiers; D_train and D_test come from `filter` (fail@32)
+# on the hard tiers; the oracle curriculum is RL on the tiers between, with correct answers.
+LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7, 8), oracle_k=(6, 7),  # [ours]
+           hard_problems=300, oracle_problems=400, warmup_steps=800)
+
+
+def lab_problem(rng, k):
+    digits = [rng.randrange(10) for _ in range(k)]
+    return {"problem": "What is " + "+".join(map(str, digits)) + "?", "answer": str(sum(digits))}
+
+
+def lab_tier(question):
+    """K of a question written in the lab's form (the report's tier shares), else None."""
+    import re
+    m = re.fullmatch(r"What is (\d(?:\+\d)*)\?", (question or "").strip())
+    return len(m[1].split("+")) if m else None
+
+
+def lab_world(folder, seed=0):
+    """The lab's data: lab_hard.jsonl, candidates for D_train and D_test (the hard tiers, which
+    `filter` splits), and lab_oracle.jsonl, the oracle curriculum (stepping-stone tiers, correct
+    answers). Generated exactly by code: the same seed gives the same files."""
+    rng, files = random.Random(f"lab-{seed}"), {}
+    for name, ks, n in (("hard", LAB["hard_k"], LAB["hard_problems"]),
+                        ("oracle", LAB["oracle_k"], LAB["oracle_problems"])):
+        files[name] = Path(folder) / f"lab_{name}.jsonl"
+        write_jsonl_atomic(files[name], [{"id": f"{name}-{i}", **lab_problem(rng, ks[i % len(ks)])} for i in range(n)])
+    return files
+
+
+def build_lab_model(folder, seed=0):
+    """The lab model (once, ~2 minutes on 2 cores; cached in folder, with the LAB recipe it was built
+    from: a changed recipe rebuilds it). Its tokenizer is the character tokenizer with the two fixed
+    instructions and the chat markers as single tokens (the model never needs to spell them out:
+    prompts shrink from 100-275 tokens to 3-20). Batches alternate between the formats (mixing
+    them in one batch pads badly)."""
+    def sample(rng, step):
+        teacher = step % 2 == 1
+        p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
+        return (TEACHER_PROMPT, f"Question: {p['problem']}\nAnswer: \\boxed{{{p['answer']}}}") if teacher else \
+            (STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
+    folder, recipe = Path(folder), json.dumps({**LAB, "seed": seed})
+    if not (folder / "lab.json").exists() or (folder / "lab.json").read_text() != recipe:
+        shutil.rmtree(folder, ignore_errors=True)
+        tok = char_tokenizer()
+        tok.add_tokens([STUDENT_PROMPT.format(problem=""), TEACHER_PROMPT, "user: ", "\nassistant: "])
+        print(f"building the lab model in {folder} (once, about 2 minutes)")
+        small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True, seed=seed)
+        write_atomic(folder / "lab.json", recipe)
     return folder
 
 
@@ -1908,7 +2082,7 @@ MODEL = "model sampler gpu_memory_utilization max_model_len seed"
 TRAINER = ("gradient_checkpointing micro_batch_tokens algo lr weight_decay max_grad_norm clip_eps kl_beta "
            "group_size temperature max_new_tokens")
 OPTIONS = {
-    "train": f"{MODEL} {TRAINER} data out batch_size steps save_every",
+    "train": f"{MODEL} {TRAINER} data out batch_size steps save_every curve_data curve_every eval_max_new_tokens",
     "eval": f"{MODEL} data temperature max_new_tokens eval_max_new_tokens eval_n eval_k output method dataset note",
     "soar": f"{MODEL} {TRAINER} data out resume outer_steps dataset_size n_datasets repeats qr_size inner_steps "
             "inner_batch tau window teacher_lr teacher_temperature teacher_max_new_tokens parse_penalty "
@@ -1916,8 +2090,9 @@ OPTIONS = {
     "prepare": "dataset source data_dir",
     "filter": f"{MODEL} data out dataset filter_k temperature max_new_tokens val_share shard shards transfer",
     "questions": f"{MODEL} teacher_temperature teacher_max_new_tokens intrinsic_questions output",
-    "select_ps": f"{MODEL} data out eval_max_new_tokens",
+    "select_ps": f"{MODEL} data out eval_max_new_tokens curve_data curve_every",
     "pipeline": " ".join(Config.__dataclass_fields__),  # every stage's options: passed on to the stages
+    "lab": " ".join(Config.__dataclass_fields__),
     "bench": f"{MODEL} gradient_checkpointing micro_batch_tokens lr max_new_tokens bench_prompts bench_seq_len",
 }
 
@@ -1970,7 +2145,7 @@ def main(argv):
         runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]
         print(render_report(runs, out))
         return
-    preset = "paper"
+    preset = "lab" if command == "lab" else "paper"  # `lab` is the pipeline with the lab preset
     if "--preset" in rest:
         i = rest.index("--preset")
         preset, rest = (rest + [""])[i + 1], rest[:i] + rest[i + 2:]
@@ -1985,6 +2160,8 @@ def main(argv):
         cfg.model = str(build_tiny_model(Path(cfg.out).parent / "tiny-model"))
     if cfg.model == PRESETS["demo"]["model"]:
         convert_smollm2(cfg.model)
+    if cfg.model == PRESETS["lab"]["model"]:
+        build_lab_model(cfg.model)
     if cfg.model == "random-llama-3b":
         cfg.model = random_llama_3b("runs/random-llama-3b")
     if command == "train":
@@ -2024,7 +2201,7 @@ def main(argv):
         sample_questions(cfg, cfg.model, cfg.intrinsic_questions, cfg.output)
     elif command == "select_ps":
         select_promoted_student(cfg, cfg.out)
-    elif command == "pipeline":
+    elif command in ("pipeline", "lab"):
         pipeline(cfg, preset)
     elif command == "bench":
         bench(cfg)

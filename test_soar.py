@@ -1039,6 +1039,54 @@ def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# The lab: a world where SOAR's grounded reward is real (section 8)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def lab_model():
+    """The lab's model, from its recipe (LAB): built once into models/lab (~2 minutes), as `./run.sh` does."""
+    return soar.build_lab_model(HERE / "models" / "lab")
+
+
+def test_lab_world_is_exact_and_tiered(tmp_path):
+    one, two = soar.lab_world(tmp_path / "one"), soar.lab_world(tmp_path / "two")
+    for name, tiers in (("hard", soar.LAB["hard_k"]), ("oracle", soar.LAB["oracle_k"])):
+        rows = read_rows(one[name])
+        assert rows == read_rows(two[name])  # generated exactly by code: same seed, same problems
+        assert {soar.lab_tier(r["problem"]) for r in rows} == set(tiers)
+        for r in rows:  # the answers are the sums, and the grader accepts them
+            assert int(r["answer"]) == sum(map(int, r["problem"][len("What is "):-1].split("+")))
+            assert soar.grader.grade(f"\\boxed{{{r['answer']}}}", r["answer"]) == 1.0
+    assert soar.lab_tier("What is 3+4?") == 2 and soar.lab_tier("What is 34+5?") is None
+    assert soar.lab_tier("How many pens?") is None and soar.lab_tier(None) is None
+
+
+def test_lab_soar_learns(lab_model, tmp_path):
+    """The real loop in the lab's world, seed 0: the hard tiers are fail@32 for the base student, the
+    teacher's grounded reward is non-zero, promotions happen at the paper's tau and window, and the
+    promoted student solves held-out hard problems that the base student solves none of."""
+    files = soar.lab_world(tmp_path)
+    lab = lambda *flags: soar.make_config(["--model", str(lab_model), *flags], "lab")
+    soar.fail_at_k(lab("--out", str(tmp_path)), [str(files["hard"])], 32, tmp_path / "filter" / "lab")
+    counts = read_rows(tmp_path / "filter" / "lab_counts.jsonl")
+    assert sum(c["successes"] == 0 for c in counts) >= 0.9 * len(counts)  # the hard tiers are fail@32
+    d_test = soar.read_jsonl(tmp_path / "filter" / "lab_test.jsonl")
+    cfg = lab("--data", str(tmp_path / "filter" / "lab_train.jsonl"), "--out", str(tmp_path / "soar"),
+              "--outer_steps", "6")
+    assert (cfg.tau, cfg.window) == (0.01, 3)  # the paper's
+    run = soar.soar(cfg)
+    rows = read_rows(run / "metrics.jsonl")
+    assert sum(any(r != 0 for r in row["rewards"]) for row in rows) >= len(rows) // 2
+    promoted = sorted((run / "students").glob("step_*"))
+    assert promoted and [int(p.name[5:]) for p in promoted] == [r["step"] for r in rows if r["promoted"]]
+    tok = soar.load_tokenizer(lab_model)
+    student = soar.Policy(lab_model, cfg, soar.HFEngine(tok), cfg.lr, torch.device("cpu"))
+    base = soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens)
+    student.set_state(soar.load_state(promoted[-1]))
+    assert base == 0.0 and soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens) > 0.0
+
+
+# ------------------------------------------------------------------------------------------------
 # The paper's pipeline: prepare, fail@k, the protocol end to end, the report
 # ------------------------------------------------------------------------------------------------
 
