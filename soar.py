@@ -33,6 +33,7 @@ COMMAND --help lists the options it reads, with their defaults and why ([paper] 
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -391,7 +392,7 @@ class VLLMEngine:
         self.loaded = None  # (id of the policy, its version) whose weights the engine holds
 
     def load(self, policy):
-        """Push the trainer's current weights into the engine (bf16 on GPU) and drop cached KV."""
+        """Push the trainer's current weights (on GPU its bf16 copy, as is) into the engine; drop cached KV."""
         key = (id(policy), policy.version)
         if self.loaded == key:
             return
@@ -445,7 +446,7 @@ class HFEngine:
         model.eval()
         results = []
         cuda = [model.device] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), autocast(model):
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call (memory)
                 chunk = prompts[start:start + 16]
@@ -473,16 +474,14 @@ class HFEngine:
         return results
 
 
-def autocast(model):
-    """bf16 compute over fp32 master weights on GPU; plain fp32 on CPU (CPU bf16 autocast is slow)."""
-    if model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def compute_dtype(device):
+    """What the model computes in: bf16 on GPU, fp32 on CPU (where bf16 matmuls are slow)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-# What runs in fp32 on GPU (the output layer in sequence_logprobs) uses TF32 tensor cores [ours]:
-# inputs rounded to 10 mantissa bits, sums in fp32 (estimated ~1e-3 on a logit, against bf16's
-# ~0.06). Plain fp32 would make the output layer cost about as much as the rest of a 3B model.
+# The output layer (sequence_logprobs) multiplies bf16 values with sums in fp32, on GPU as TF32 [ours]:
+# a logit is not rounded to bf16 (by up to 0.06-0.125 at 16-32). Plain fp32 would make the output
+# layer cost about as much as the rest of a 3B model.
 torch.backends.cuda.matmul.allow_tf32 = True  # the older API: the newer one (fp32_precision) makes
 # torch.get_float32_matmul_precision() raise in any code that still asks (CPU matmuls are unchanged)
 
@@ -496,27 +495,38 @@ def load_tokenizer(path):
 
 
 class Policy:
-    """A trainable model: fp32 master weights, AdamW, and an engine that samples from it.
+    """A trainable model: fp32 master weights with AdamW, the model that computes with them, and an
+    engine that samples from it.
 
-    Memory/precision choice: parameters, gradients and Adam states are fp32; the forward runs under
-    bf16 autocast on GPU. Pure-bf16 AdamW rounds away updates smaller than 2^-8 of a weight, which
-    at lr ~1e-6 is most of them. Cost for 3.2B parameters: 12.8 GB weights + 12.8 GB gradients +
-    25.7 GB Adam. With kl_beta > 0 a frozen bf16 reference copy is held too (6.4 GB)."""
+    Precision: the master weights and Adam states are fp32; pure-bf16 AdamW rounds away updates
+    smaller than 2^-8 of a weight, which at lr ~1e-6 is most of them. On GPU the model holds a bf16
+    copy of the master weights, refreshed after each optimizer step: forward, recompute and backward
+    cast no weight (autocast casts every weight in each), and each bf16 gradient is added to an fp32
+    master gradient as soon as it is complete, then freed. On CPU the model's fp32 weights are the
+    master weights. For 3.21B parameters on GPU: bf16 copy 6.4 GB + master 12.8 + gradients 12.8 +
+    Adam 25.7 = 57.8 GB. With kl_beta > 0 a frozen bf16 reference copy is held too (6.4 GB)."""
 
     def __init__(self, path, cfg, engine, lr, device):
         from transformers import AutoModelForCausalLM
         self.path, self.cfg, self.engine = str(path), cfg, engine
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(device)
         self.model.config.use_cache = False
+        self.names, params = zip(*self.model.named_parameters())  # a tied embedding counts once
+        copy = compute_dtype(device) != torch.float32
+        self.master = [p.detach().clone() for p in params] if copy else list(params)
+        for p, master in zip(params, self.master) if copy else ():
+            p.register_post_accumulate_grad_hook(functools.partial(add_grad, master))
+        self.model.to(compute_dtype(device))
         if cfg.gradient_checkpointing and device.type == "cuda":
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=device.type == "cuda")  # [ours] defaults
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
+        self.pinned = {}  # moved(): the CPU side of each tensor, {key: (pinned buffer, version it holds)}
         self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
         if cfg.kl_beta:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(device).requires_grad_(False)
+            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=compute_dtype(device)).to(device)
+            self.ref.requires_grad_(False)
 
     def sample(self, prompts, n, temperature, max_tokens, seed):
         """n completions for each prompt (lists of token ids), grouped per prompt."""
@@ -524,16 +534,28 @@ class Policy:
         return self.engine.generate(prompts, n, temperature, max_tokens, seed)
 
     def state(self):
-        """A CPU copy of the weights (to restore the baseline student, or to promote one)."""
+        """A CPU copy of the master weights by name (to restore the baseline student, or promote one)."""
         with timed("copy"):
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            return {name: m.detach().to("cpu", copy=True) for name, m in zip(self.names, self.master)}
 
-    def set_state(self, state):
-        """Load weights; the optimizer starts fresh (each inner loop is a fresh RL run)."""
+    @torch.no_grad()
+    def set_state(self, state=None):
+        """Load master weights (from state() or a state_dict), and the optimizer starts fresh (each
+        inner loop is a fresh RL run). state=None, after an optimizer step: the copy follows."""
         with timed("copy"):
-            self.model.load_state_dict(state)
-            self.optimizer.state.clear()
+            for name, p, m in zip(self.names, self.model.parameters(), self.master):
+                if state is not None:
+                    m.copy_(state[name])
+                    self.optimizer.state.pop(m, None)
+                if p is not m:
+                    p.copy_(m)
             self.version += 1
+
+
+def add_grad(master, p):
+    """A bf16 weight's gradient is complete: add it to the fp32 master gradient, free it."""
+    master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+    p.grad = None
 
 
 def make_engine(cfg, path, tokenizer):
@@ -549,12 +571,13 @@ def make_engine(cfg, path, tokenizer):
 
 
 def save_checkpoint(folder, policy, tokenizer, extra=None, final=False):
-    """Model + tokenizer + optimizer + `extra` state, written to a temp folder and renamed into place.
-    final=True: bf16 weights and no optimizer (a finished run is only evaluated: 6.4 GB, not 38.5 at 3B)."""
+    """Master weights + tokenizer + optimizer + `extra` state, written to a temp folder and renamed
+    into place. final=True: bf16 weights and no optimizer (a finished run is only evaluated: 6.4 GB,
+    not 38.5 at 3B). The weights must not change until it returns (`soar` runs it in a thread)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    weights = {k: v.to(torch.bfloat16) for k, v in policy.model.state_dict().items()} if final else None
+    weights = {name: m.to(torch.bfloat16) if final else m for name, m in zip(policy.names, policy.master)}
     policy.model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if not final:
@@ -634,42 +657,35 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
     """Per-token log-probs of each sequence's response tokens under `model` at `temperature`
     (log softmax(logits / T): the distribution the sampler drew them from).
 
-    Returns logprobs [B, T] (column t: the token at position t+1) and the response mask [B, T].
-    Sequences are right-padded (with token 0, masked out) to the longest one.
+    Returns logprobs [B, T] (column t: the token at position t+1; 0 outside the responses) and the
+    response mask [B, T]. Sequences are right-padded with token 0 to the longest one, and need no
+    attention mask: under causal attention no token sees the padding after it (and without a mask
+    SDPA keeps its fastest kernel).
 
-    The fp32 logits of a whole micro-batch (tokens x vocab x 4 B: 4 GiB for 8192 tokens of a 128k
-    vocabulary, and log-softmax's backward holds two more) would be the largest activation. So the
-    output layer runs on `chunk` tokens at a time [ours: 1024] under checkpointing: one chunk's
-    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. The output layer
-    runs outside autocast [ours]: in bf16 a logit of 16-32 is rounded by up to 0.06-0.125, and every
-    token's log-prob with it (README: the measured gap); on GPU as TF32 (see `autocast`). (A model
-    that post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
+    The output layer runs on response tokens only (the loss needs nothing else), `chunk` tokens at a
+    time [ours: 1024] under checkpointing: the fp32 logits of a whole micro-batch (tokens x vocab x
+    4 B: 4 GiB for 8192 tokens of a 128k vocabulary, and log-softmax's backward holds two more)
+    would be the largest activation; one chunk's (0.5 GiB) is alive at a time and is recomputed in
+    the backward pass. Its sums are fp32 [ours]: bf16 logits of 16-32 are rounded by up to
+    0.06-0.125, and every token's log-prob with them (README: the measured gap). (A model that
+    post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
-    B, width = len(sequences), max(map(len, sequences))
-    dev = model.device
-    ids = torch.zeros((B, width), dtype=torch.long, device=dev)
-    attn = torch.zeros((B, width), dtype=torch.long, device=dev)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, device=dev)
-        attn[i, :len(s)] = 1
+    dev, width = model.device, max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=dev)
+    # response token j of sequence i is predicted at position prompt_len - 1 + j
+    pos = torch.arange(width - 1, device=dev)[None]
+    ends = torch.tensor([[len(s) - 1] for s in sequences], device=dev)
+    mask = (pos >= torch.tensor(prompt_lens, device=dev)[:, None] - 1) & (pos < ends)
     head = model.get_output_embeddings()
 
     def chunk_logprobs(hidden, targets):
-        with torch.autocast(dev.type, enabled=False):
-            logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), head.bias) / temperature
-        return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), head.bias) / temperature
+        return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
 
-    with autocast(model):
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][mask]
     pieces = [checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
-              else chunk_logprobs(h, t) for h, t in zip(flat_hidden.split(chunk), flat_targets.split(chunk))]
-    logprobs = torch.cat(pieces).view(B, width - 1)
-    # response token j of sequence i is predicted at position prompt_len - 1 + j
-    pos = torch.arange(width - 1, device=dev)[None]
-    plen = torch.tensor(prompt_lens, device=dev)[:, None]
-    mask = (pos >= plen - 1) & (pos < attn.sum(1, keepdim=True) - 1)
-    return logprobs, mask
+              else chunk_logprobs(h, t) for h, t in zip(hidden.split(chunk), ids[:, 1:][mask].split(chunk))]
+    return torch.zeros(mask.shape, device=dev).masked_scatter(mask, torch.cat(pieces)), mask
 
 
 def policy_update(policy, completions, advantages, cfg):
@@ -682,24 +698,18 @@ def policy_update(policy, completions, advantages, cfg):
     model.train()
     num_tokens = sum(len(c.ids) for c in completions)
     stats = {"loss": 0.0, "kl_sampler": 0.0, "tokens_trained": 0, "padding": 0}
-    work = [(c, a) for c, a in zip(completions, advantages.tolist())
-            if c.ids and (a != 0 or cfg.kl_beta)]
-    work.sort(key=lambda ca: len(ca[0].prompt_ids) + len(ca[0].ids))
-    batches, current = [], []
-    for item in work:
-        length = len(item[0].prompt_ids) + len(item[0].ids)
-        if current and length * (len(current) + 1) > cfg.micro_batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(item)
-    batches += [current] if current else []
+    work = [(c, a) for c, a in zip(completions, advantages.tolist()) if c.ids and (a != 0 or cfg.kl_beta)]
+    batches = []
+    for c, a in sorted(work, key=lambda ca: len(ca[0].prompt_ids) + len(ca[0].ids)):
+        if not batches or (len(c.prompt_ids) + len(c.ids)) * (len(batches[-1]) + 1) > cfg.micro_batch_tokens:
+            batches.append([])
+        batches[-1].append((c, a))
     for batch in batches:
         seqs, lens = [c.prompt_ids + c.ids for c, _ in batch], [len(c.prompt_ids) for c, _ in batch]
         temperature = batch[0][0].temperature  # the sampler's: the loss is of the distribution sampled from
         logprobs, mask = sequence_logprobs(model, seqs, lens, temperature=temperature)
-        old = torch.zeros_like(logprobs)
-        for i, (c, _) in enumerate(batch):  # place the sampler's log-probs at the response positions
-            old[i, mask[i]] = torch.tensor(c.logprobs, device=old.device, dtype=old.dtype)
+        sampled = torch.tensor([lp for c, _ in batch for lp in c.logprobs], device=mask.device)
+        old = torch.zeros_like(logprobs).masked_scatter(mask, sampled)  # at the response positions, in order
         adv = torch.tensor([a for _, a in batch], device=logprobs.device)
         ref = None
         if policy.ref is not None:
@@ -715,11 +725,11 @@ def policy_update(policy, completions, advantages, cfg):
         stats["kl_sampler"] += ((old - logprobs).detach() * m).sum().item()  # k1 estimate, sampler || trainer
         stats["tokens_trained"] += int(m.sum().item())
         stats["padding"] += mask.numel() - sum(len(s) - 1 for s in seqs)
-    if batches:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    if batches:  # AdamW on the fp32 master weights, then the model's copy follows them
+        torch.nn.utils.clip_grad_norm_(policy.master, cfg.max_grad_norm)
         policy.optimizer.step()
         policy.optimizer.zero_grad(set_to_none=True)
-        policy.version += 1
+        policy.set_state()
     for key in ("kl_sampler", "kl_ref"):
         if key in stats:
             stats[key] /= max(stats["tokens_trained"], 1)
@@ -984,8 +994,6 @@ def save_student(folder, state, tokenizer, template):
     """The promoted student as a normal HF folder (so `eval` and `train` can use it)."""
     tmp = Path(str(folder) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if template.model.config.tie_word_embeddings:  # the output layer is the input embedding: store it once
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     template.model.save_pretrained(tmp, state_dict=state)  # `template`: a Policy of the same architecture
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
@@ -998,13 +1006,30 @@ def load_state(folder):
 
 
 def moved(policy, device, optimizer=True):
-    """Move a policy's weights (and its Adam states) between CPU and GPU: the teacher lives on the
-    CPU between updates, so a GPU holds one trainer at a time (README, memory plan). No-op on CPU."""
-    policy.model.to(device)
-    for st in policy.optimizer.state.values() if optimizer else ():
-        for key, value in st.items():
-            if torch.is_tensor(value) and key != "step":  # AdamW's step counter stays where it is
-                st[key] = value.to(device)
+    """Move a policy (weights, master weights, Adam states) between CPU and GPU: the teacher lives in
+    CPU memory between its updates, so a GPU holds one trainer at a time (README, memory plan). The
+    CPU side of each tensor is a pinned buffer, allocated at its first move and reused: one DMA copy
+    each way (36 GiB on an H200: 0.7 s, against 7 s up and 27 s down through pageable memory), none
+    back into a buffer that holds the current version already. optimizer=False: the model's weights
+    only (for sampling). No-op on CPU."""
+    tensors = {("weight", i): p for i, p in enumerate(policy.model.parameters())}
+    for i, m in enumerate(policy.master if optimizer else []):
+        tensors.update({(key, i): v for key, v in policy.optimizer.state.get(m, {}).items()})
+        tensors.update({("master", i): m} if m is not tensors["weight", i] else {})
+    with timed("offload"):
+        for key, t in tensors.items():
+            if t.device == device:
+                continue
+            if device.type == "cuda":
+                t.data = t.data.to(device, non_blocking=True)
+                continue
+            buffer, held = policy.pinned.get(key) or (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), None)
+            if held != policy.version:
+                buffer.copy_(t, non_blocking=True)
+            policy.pinned[key] = (buffer, policy.version)
+            t.data = buffer
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are asynchronous
     return policy
 
 

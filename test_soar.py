@@ -655,18 +655,81 @@ def test_sequence_logprobs_ignore_padding_and_prompt(tiny):
     assert torch.allclose(policy.model.lm_head.weight.grad, grad, atol=1e-5)
 
 
-def test_output_layer_runs_in_fp32_under_autocast(tiny, monkeypatch):
-    """Under bf16 autocast (the GPU's; CPU autocast stands in here) the body runs in bf16 but the
-    output layer must not: bf16 rounds a logit of 16-32 by up to 0.125, and the log-prob with it."""
+def test_output_layer_sums_in_fp32_in_a_bf16_model(tiny, monkeypatch):
+    """With the GPU's bf16 compute copy (bf16 on CPU stands in here) the body runs in bf16 but the
+    output layer's sums must not be rounded to bf16: by up to 0.125 at a logit of 16-32, and the
+    log-prob with it. Its result: fp32 sums of the bf16 values, not bf16 logits."""
+    monkeypatch.setattr(soar, "compute_dtype", lambda device: torch.bfloat16)
     policy, tok, _ = make_policy(tiny)
-    monkeypatch.setattr(soar, "autocast", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
     seq = soar.chat_ids(tok, "What is 2+2?") + tok("\\boxed{4}", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logprobs, _ = soar.sequence_logprobs(policy.model, [seq], [len(seq) - 9])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = policy.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, :-1]
-        exact = torch.nn.functional.linear(hidden.float(), policy.model.lm_head.weight).log_softmax(-1)
-    assert torch.allclose(logprobs[0], exact.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0], atol=1e-5)
+        logprobs, mask = soar.sequence_logprobs(policy.model, [seq], [len(seq) - 9])
+        hidden = policy.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, :-1]
+        assert hidden.dtype == torch.bfloat16
+        weight, targets = policy.model.lm_head.weight, torch.tensor(seq[1:])[:, None]
+        exact = torch.nn.functional.linear(hidden.float(), weight.float()).log_softmax(-1).gather(-1, targets)[:, 0]
+        rounded = torch.nn.functional.linear(hidden, weight).float().log_softmax(-1).gather(-1, targets)[:, 0]
+    assert torch.allclose(logprobs[0][mask[0]], exact[mask[0]], atol=1e-5)
+    assert (logprobs[0][mask[0]] - rounded[mask[0]]).abs().max() > 1e-3  # what bf16 logits would have given
+
+
+def tied_model(tiny, folder):
+    """The tiny model with its output layer tied to the input embedding (as Llama-3.2-3B's is)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    if not (folder / "config.json").exists():
+        config = AutoModelForCausalLM.from_pretrained(tiny).config
+        config.tie_word_embeddings = True
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        soar.load_tokenizer(tiny).save_pretrained(folder)
+    return folder
+
+
+def test_bf16_copy_keeps_fp32_updates_at_lr_1e_6(tiny, tmp_path, monkeypatch):
+    """The precision contract of the GPU path, run on CPU: the model computes in bf16, AdamW updates
+    fp32 master weights, so an update at lr 1e-6 moves nearly every weight (Adam's first step is
+    about lr * sign(gradient)) though bf16 would show almost none of it; the model's copy is the
+    master rounded to bf16, and no bf16 gradient is left behind. The master gradient, summed in fp32
+    over 8 micro-batches, is the fp32 trainer's in one, up to bf16 rounding (a tied embedding gets
+    the gradients of both its uses, each once)."""
+    folder = tied_model(tiny, tmp_path / "tied")
+    fp32, tok, cfg = make_policy(folder, lr=1e-6)
+    prompt = soar.chat_ids(tok, soar.STUDENT_PROMPT.format(problem="What is 2+2?"))
+    comps = fp32.sample([prompt], 8, 1.0, 12, seed=0)[0]
+    monkeypatch.setattr(soar, "compute_dtype", lambda device: torch.bfloat16)
+    bf16, _, _ = make_policy(folder, lr=1e-6, micro_batch_tokens=len(comps[0].prompt_ids) + 12)
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {m.dtype for m in bf16.master} == {torch.float32} and len(bf16.master) == len(fp32.master)
+    grads = {}
+    for name, policy in (("fp32", fp32), ("bf16", bf16)):
+        step = policy.optimizer.step
+        policy.optimizer.step = lambda step=step, name=name, policy=policy: (
+            grads.__setitem__(name, torch.cat([m.grad.flatten() for m in policy.master])), step())
+    before = [m.clone() for m in bf16.master]
+    for policy in (fp32, bf16):
+        soar.policy_update(policy, comps, torch.tensor([1.0, -1.0] * 4), cfg)
+    cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cosine > 0.99 and 0.95 < grads["bf16"].norm() / grads["fp32"].norm() < 1.05, cosine
+    change = torch.cat([(m - b).abs().flatten() for m, b in zip(bf16.master, before)])
+    assert (change > 0).float().mean() > 0.9 and change.max() < 1.1e-6, change  # (fp32 rounding of m - b)
+    visible = torch.cat([(m.bfloat16() != b.bfloat16()).flatten() for m, b in zip(bf16.master, before)])
+    assert visible.float().mean() < 0.1  # what a pure-bf16 AdamW would have kept of the step
+    assert all(torch.equal(p, m.bfloat16()) for p, m in zip(bf16.model.parameters(), bf16.master))
+    assert all(p.grad is None for p in bf16.model.parameters()) and all(m.grad is None for m in bf16.master)
+
+
+def test_cpu_copies_hold_a_tied_embedding_once(tiny, tmp_path):
+    folder = tied_model(tiny, tmp_path / "tied")
+    policy, tok, _ = make_policy(folder)
+    state = policy.state()
+    assert "lm_head.weight" not in state and len(state) == len(list(policy.model.parameters()))
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in policy.model.parameters())
+    soar.save_student(tmp_path / "student", state, tok, policy)
+    reloaded = soar.load_state(tmp_path / "student")
+    assert all(torch.equal(reloaded[name], v) for name, v in state.items())
+    policy.set_state({k: torch.zeros_like(v) for k, v in state.items()})
+    policy.set_state(reloaded)
+    assert params_equal(policy.model, reloaded) and policy.model.lm_head.weight is policy.model.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
