@@ -31,6 +31,7 @@ COMMAND --help lists the options it reads, with their defaults and why ([paper] 
     report     RUN_DIR... [--out FOLDER]: pass@k tables, the paper's claims beside ours, plots
     bench      sampling tokens/s per backend, training tokens/s (MFU and peak memory on GPU)
 """
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -1055,7 +1056,7 @@ def soar(cfg, probe=None):
     d_train = load_problems(cfg.data) if grounded else []
     tok = load_tokenizer(cfg.model)
     check_fits(cfg, tok, cfg.data if grounded else [], ["eval_max_new_tokens"], teacher=True)
-    device = device_for(rank)
+    device, cpu = device_for(rank), torch.device("cpu")
     if rank == 0:
         if resuming:  # the run's config.json plus the flags given (make_config): say what they change
             saved = json.loads((run / "config.json").read_text())
@@ -1076,98 +1077,109 @@ def soar(cfg, probe=None):
     baseline_state = student.state()
     teacher = None
     if rank == 0:
-        teacher = Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device)
-        if resuming:
+        teacher = moved(Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device), cpu)
+        if resuming:  # its Adam states go straight to the CPU
             load_trainer_state(teacher_dir, teacher)
-        moved(teacher, torch.device("cpu"))
 
-    for step in tqdm(range(state["step"], cfg.outer_steps), desc="outer steps", disable=rank != 0,
-                     initial=state["step"], total=cfg.outer_steps):
-        step_start, times_before = time.time(), dict(TIMES)
-        # 1. Q_R: the same on every worker (a function of seed and step)
-        q_r = sample_reward_set(d_train, cfg, step) if grounded else []
-        probe("step_start", step=step, student=student, q_r=q_r)
-        # 2. the teacher writes g datasets of n questions (rank 0) and shares them with every worker
-        rollouts, datasets = None, None
-        if rank == 0:
-            with timed("teacher_sample"):  # vLLM takes the weights from the CPU; HF generate needs them here
-                moved(teacher, device if isinstance(engine, HFEngine) else torch.device("cpu"), optimizer=False)
-                rollouts, datasets = teacher_datasets(teacher, tok, cfg, step)
-                moved(teacher, torch.device("cpu"), optimizer=False)
-        datasets = broadcast(datasets)
-        # 3. the jobs, spread over workers: inner loops (SOAR) or learnability estimates (Intrinsic-T),
-        #    and the baseline student's accuracy on this step's Q_R (Q_R is new every step)
-        jobs = [("inner", k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)] if grounded else \
-            [("learnability", k, 0) for k in range(cfg.n_datasets)]
-        owner = {job: i % world_size for i, job in enumerate(jobs)}
-        jobs.append(("baseline", -1, 0))
-        owner[jobs[-1]] = world_size - 1  # rank 0 also samples and updates the teacher
-        mine, trained = [], {}
-        for kind, k, j in jobs:
-            if owner[kind, k, j] != rank:
-                continue
-            if kind == "baseline":
-                acc = greedy_accuracy(student, tok, q_r, cfg.eval_max_new_tokens) if grounded else 0.0
-                mine.append({"k": -1, "repeat": 0, "acc": acc})
-            elif kind == "learnability":
-                mine.append({"k": k, "repeat": 0, "question_rewards":
-                             learnability_rewards(student, tok, datasets[k], cfg, step, k)})
+    saver, saving = concurrent.futures.ThreadPoolExecutor(1), None  # writes the teacher's checkpoints
+    try:
+        for step in tqdm(range(state["step"], cfg.outer_steps), desc="outer steps", disable=rank != 0,
+                         initial=state["step"], total=cfg.outer_steps):
+            step_start, times_before = time.time(), dict(TIMES)
+            # 1. Q_R: the same on every worker (a function of seed and step)
+            q_r = sample_reward_set(d_train, cfg, step) if grounded else []
+            probe("step_start", step=step, student=student, q_r=q_r)
+            # 2. the teacher writes g datasets of n questions (rank 0) and shares them with every worker
+            rollouts, datasets = None, None
+            if rank == 0:
+                with timed("teacher_sample"):  # vLLM takes the weights from the CPU; HF generate needs them here
+                    moved(teacher, device if isinstance(engine, HFEngine) else cpu, optimizer=False)
+                    rollouts, datasets = teacher_datasets(teacher, tok, cfg, step)
+                    moved(teacher, cpu, optimizer=False)
+            datasets = broadcast(datasets)
+            # 3. the jobs, spread over workers: inner loops (SOAR) or learnability estimates (Intrinsic-T),
+            #    and the baseline student's accuracy on this step's Q_R (Q_R is new every step)
+            jobs = [("inner", k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)] if grounded else \
+                [("learnability", k, 0) for k in range(cfg.n_datasets)]
+            owner = {job: i % world_size for i, job in enumerate(jobs)}
+            jobs.append(("baseline", -1, 0))
+            owner[jobs[-1]] = world_size - 1  # rank 0 also samples and updates the teacher
+            mine, trained = [], {}
+            for kind, k, j in jobs:
+                if owner[kind, k, j] != rank:
+                    continue
+                if kind == "baseline":
+                    acc = greedy_accuracy(student, tok, q_r, cfg.eval_max_new_tokens) if grounded else 0.0
+                    mine.append({"k": -1, "repeat": 0, "acc": acc})
+                elif kind == "learnability":
+                    mine.append({"k": k, "repeat": 0, "question_rewards":
+                                 learnability_rewards(student, tok, datasets[k], cfg, step, k)})
+                else:
+                    mine.append(inner_loop(student, tok, datasets[k], q_r, cfg, step, k, j, probe))
+                    if grounded and len(state["window"]) + 1 >= cfg.window:  # a promotion is possible this step
+                        trained[(k, j)] = student.state()
+                    student.set_state(baseline_state)  # revert: the next job starts from the baseline again
+            spent = {p: TIMES[p] - times_before.get(p, 0.0) for p in TIMES}
+            gathered = all_gather({"results": mine, "times": spent})
+            results = sorted((r for part in gathered for r in part["results"]), key=lambda r: (r["k"], r["repeat"]))
+            base_acc = results.pop(0)["acc"]  # the baseline job sorts first (k = -1)
+            # 4. teacher reward per dataset (SOAR) or per question (Intrinsic-T)
+            if grounded:
+                dataset_rewards, question_rewards = teacher_rewards(results, base_acc, cfg), None
+                step_reward = sum(dataset_rewards) / cfg.n_datasets
             else:
-                mine.append(inner_loop(student, tok, datasets[k], q_r, cfg, step, k, j, probe))
-                if grounded and len(state["window"]) + 1 >= cfg.window:  # a promotion is possible this step
-                    trained[(k, j)] = student.state()
-                student.set_state(baseline_state)  # revert: the next job starts from the baseline again
-        spent = {p: TIMES[p] - times_before.get(p, 0.0) for p in TIMES}
-        gathered = all_gather({"results": mine, "times": spent})
-        results = sorted((r for part in gathered for r in part["results"]), key=lambda r: (r["k"], r["repeat"]))
-        base_acc = results.pop(0)["acc"]  # the baseline job sorts first (k = -1)
-        # 4. teacher reward per dataset (SOAR) or per question (Intrinsic-T)
-        if grounded:
-            dataset_rewards, question_rewards = teacher_rewards(results, base_acc, cfg), None
-            step_reward = sum(dataset_rewards) / cfg.n_datasets
-        else:
-            dataset_rewards = None
-            question_rewards = {i: v for r in results for i, v in r["question_rewards"].items()}
-            step_reward = sum(question_rewards.values()) / max(len(question_rewards), 1)
-        # 5. promotion: the student trained on the step's best X_k (its best repeat) becomes the baseline
-        best, average = None, step_reward
-        if grounded:
-            best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
-            promote, average = promotion(state["window"], step_reward, cfg, bool(datasets[best_k]))
-            best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"]) if promote else None
-        if best:
-            folder = f"students/step_{step:04d}"
-            if rank == owner["inner", best["k"], best["repeat"]]:
-                save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
-            all_gather(None)  # a barrier: the folder is written before anyone reads it
-            baseline_state = load_state(run / folder)
-            student.set_state(baseline_state)
-            probe("promotion", student=student, trained=trained, best=best, datasets=datasets)
-            state["baseline"], state["promotions"] = folder, state["promotions"] + [step]
-        trained.clear()
-        # 6. teacher update, then the step's records and the commit (rank 0)
-        if rank == 0:
-            rewards = rollout_rewards(rollouts, datasets, cfg, dataset_rewards, question_rewards)
-            advantages = teacher_advantages(rewards, dataset_rewards, cfg)
-            probe("teacher_update", rewards=rewards, advantages=advantages, dataset_rewards=dataset_rewards,
-                  results=results, base_acc=base_acc, datasets=datasets, rollouts=rollouts)
-            with timed("teacher_update"):
-                moved(student, torch.device("cpu"))
-                moved(teacher, device)
-                update = policy_update(teacher, rollouts, advantages, cfg)
-                moved(teacher, torch.device("cpu"))
-                moved(student, device)
-            phases = {p for part in gathered for p in part["times"]}
-            times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in phases}
-            for p in ("teacher_update", "teacher_sample"):  # rank 0's own phases, after the gather
-                times[p] = TIMES.get(p, 0.0) - times_before.get(p, 0.0)
-            log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
-                     step_reward, average, best, update, times, time.time() - step_start)
-            probe("before_commit", step=step)
-            state["step"] = step + 1
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
-                save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
-        state = broadcast(state)
+                dataset_rewards = None
+                question_rewards = {i: v for r in results for i, v in r["question_rewards"].items()}
+                step_reward = sum(question_rewards.values()) / max(len(question_rewards), 1)
+            # 5. promotion: the student trained on the step's best X_k (its best repeat) becomes the baseline
+            best, average = None, step_reward
+            if grounded:
+                best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
+                promote, average = promotion(state["window"], step_reward, cfg, bool(datasets[best_k]))
+                best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"]) if promote else None
+            if best:
+                folder = f"students/step_{step:04d}"
+                if rank == owner["inner", best["k"], best["repeat"]]:
+                    save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
+                all_gather(None)  # a barrier: the folder is written before anyone reads it
+                baseline_state = None  # freed before the new one is read: host memory (README, memory plan)
+                baseline_state = load_state(run / folder)
+                student.set_state(baseline_state)
+                probe("promotion", student=student, trained=trained, best=best, datasets=datasets)
+                state["baseline"], state["promotions"] = folder, state["promotions"] + [step]
+            trained.clear()
+            # 6. teacher update, then the step's records and the commit (rank 0)
+            if rank == 0:
+                rewards = rollout_rewards(rollouts, datasets, cfg, dataset_rewards, question_rewards)
+                advantages = teacher_advantages(rewards, dataset_rewards, cfg)
+                probe("teacher_update", rewards=rewards, advantages=advantages, dataset_rewards=dataset_rewards,
+                      results=results, base_acc=base_acc, datasets=datasets, rollouts=rollouts)
+                with timed("checkpoint"):  # the update changes the weights the last checkpoint is written from
+                    if saving:
+                        saving.result()
+                with timed("teacher_update"):
+                    moved(student, cpu)
+                    moved(teacher, device)
+                    update = policy_update(teacher, rollouts, advantages, cfg)
+                    moved(teacher, cpu)
+                    moved(student, device)
+                phases = {p for part in gathered for p in part["times"]}
+                times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in phases}
+                for p in ("teacher_update", "teacher_sample", "offload", "checkpoint"):  # rank 0's, after the gather
+                    times[p] = TIMES.get(p, 0.0) - times_before.get(p, 0.0)
+                log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
+                         step_reward, average, best, update, times, time.time() - step_start)
+                probe("before_commit", step=step)
+                state["step"] = step + 1
+                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
+                    # the commit point of the step, written while the next step runs
+                    saving = saver.submit(save_checkpoint, teacher_dir, teacher, tok, json.loads(json.dumps(state)))
+            state = broadcast(state)
+        if saving:
+            saving.result()  # a failed write fails the run
+    finally:  # a crash waits for the write in progress too: whoever resumes finds it finished
+        saver.shutdown()
+
     if isinstance(engine, VLLMEngine):
         engine.close()
     return run

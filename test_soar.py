@@ -1021,6 +1021,34 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     assert any(r["promoted"] for r in read_rows(whole / "metrics.jsonl"))
 
 
+def test_teacher_checkpoint_is_written_while_the_next_step_runs(tiny, toy_train, tmp_path, monkeypatch):
+    """The checkpoint that commits step t is written in the background: the write below can only
+    finish once step t+1 has started (written in the foreground, the run would stop there). A kill
+    in the middle of one of these writes (the one committing step 2) loses nothing: the run resumes
+    from step 1's and ends exactly as the uninterrupted run."""
+    extra = ("--window", "2", "--outer_steps", "3")
+    whole = soar.soar(soar_config(tiny, toy_train, tmp_path / "whole", *extra))
+    started, save = {t: threading.Event() for t in range(4)}, soar.save_checkpoint
+
+    def save_once_the_next_step_runs(folder, policy, tok, state, final=False):
+        assert started[state["step"]].wait(timeout=120), "the checkpoint write held the run up"
+        if state["step"] == 2:  # a kill half-way: the weights are written, nothing else, nothing renamed
+            policy.model.save_pretrained(Path(f"{folder}.tmp"))
+            raise KeyboardInterrupt("killed during the write")
+        save(folder, policy, tok, state, final)
+
+    monkeypatch.setattr(soar, "save_checkpoint", save_once_the_next_step_runs)
+    with pytest.raises(KeyboardInterrupt):
+        soar.soar(soar_config(tiny, toy_train, tmp_path / "run", *extra),
+                  probe=lambda event, **data: started[data["step"]].set() if event == "step_start" else None)
+    assert soar.committed_step(tmp_path / "run" / "teacher") == 1 and started[2].is_set()
+    monkeypatch.setattr(soar, "save_checkpoint", save)
+    soar.soar(soar.make_config(["--resume", str(tmp_path / "run")], "test"))
+    assert strip_times(read_rows(whole / "metrics.jsonl")) == strip_times(read_rows(tmp_path / "run" / "metrics.jsonl"))
+    assert read_rows(whole / "promotion_questions.jsonl") == read_rows(tmp_path / "run" / "promotion_questions.jsonl")
+    assert soar.committed_step(tmp_path / "run" / "teacher") == 3 and not (tmp_path / "run" / "teacher.tmp").exists()
+
+
 def test_resume_changes_only_the_flags_given_and_a_finished_run_says_so(tiny, toy_train, tmp_path, capsys):
     run = tmp_path / "run"
     soar.main(["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--out", str(run),
