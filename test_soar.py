@@ -1444,13 +1444,29 @@ def test_fail_at_k_shards_resume_and_split(tiny, toy_train, tmp_path):
     assert again == hard and Path(f"{prefix}_counts0.jsonl").stat().st_mtime_ns == stamp
 
 
-def test_bench_prints_throughput_of_both_samplers(tiny, tmp_path):
+def test_bench_measures_and_projects_the_run(tiny, tmp_path):
+    """bench on CPU (the test model): every measurement, and the paper preset's run projected from them."""
     out = subprocess.run([sys.executable, str(HERE / "soar.py"), "bench", "--preset", "test", "--model", str(tiny),
                           "--bench_prompts", "4", "--bench_seq_len", "32", "--max_new_tokens", "8"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True).stdout
     report = json.loads(out[out.index("{"):])
-    assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["train_tok_s"] > 0
+    assert report["anchor"]["tok_s"] > 0 and report["trainer"]["tok_s"] > 0 and report["trainer_vs_anchor"] > 0
+    assert report["checkpoint"]["write_s"] > 0 and report["checkpoint"]["gb"] > 4 * report["params"] / 1e9
+    assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["sync_s"] > 0
+    assert report["copies_s"] > 0 and "offload" not in report  # on CPU nothing moves
     assert 0 <= report["logprob_gap_mean"] < 1e-3  # fp32 on both sides on CPU
+    step, p = report["projection"]["outer_step_s"], soar.Config()
+    assert set(step) == {"teacher_sample", "inner_loops", "baseline_eval", "offload", "teacher_update", "checkpoint",
+                         "total"} and step["total"] == pytest.approx(sum(v for k, v in step.items() if k != "total"))
+    rollouts = p.n_datasets * p.dataset_size  # of 300 tokens after a prompt of 150: the assumed lengths
+    assert step["teacher_update"] == pytest.approx(rollouts * 450 / report["trainer"]["tok_s"])
+    assert step["teacher_sample"] == pytest.approx(report["sync_s"] + rollouts * 300 / report["vllm_sample_tok_s"])
+    assert report["projection"]["soar_run_h"] == pytest.approx(p.outer_steps * step["total"] / 3600)
+    hours = report["projection"]["pipeline_h"]
+    assert set(hours) == {"fail@128", "soar", "intrinsic_t", "trainings", "evaluation", "total"}
+    assert hours["soar"] == pytest.approx(2 * report["projection"]["soar_run_h"]) and hours["total"] > hours["soar"]
+    assert 0 <= report["projection"]["rank0_overhead_share"] <= report["projection"]["rank0_only_share"] < 1
+    assert set(report["assumed"]) == {"work", "offload"}  # vLLM measured: its rate and sync are not assumed
 
 
 def test_demo_model_converts_from_the_pypi_package(tmp_path):
