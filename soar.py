@@ -496,16 +496,15 @@ def load_tokenizer(path):
 
 
 class Policy:
-    """A trainable model: fp32 master weights with AdamW, the model that computes with them, and an
-    engine that samples from it.
+    """A trainable model: fp32 master weights, AdamW, and an engine that samples from it.
 
-    Precision: the master weights and Adam states are fp32; pure-bf16 AdamW rounds away updates
-    smaller than 2^-8 of a weight, which at lr ~1e-6 is most of them. On GPU the model holds a bf16
-    copy of the master weights, refreshed after each optimizer step: forward, recompute and backward
-    cast no weight (autocast casts every weight in each), and each bf16 gradient is added to an fp32
-    master gradient as soon as it is complete, then freed. On CPU the model's fp32 weights are the
-    master weights. For 3.21B parameters on GPU: bf16 copy 6.4 GB + master 12.8 + gradients 12.8 +
-    Adam 25.7 = 57.8 GB. With kl_beta > 0 a frozen bf16 reference copy is held too (6.4 GB)."""
+    Precision: master weights, gradients and Adam states are fp32 (pure-bf16 AdamW rounds away updates
+    below 2^-8 of a weight, at lr ~1e-6 most of them). On GPU the model computes with a bf16 copy of
+    the master weights, refreshed once per optimizer step (autocast would cast every weight in every
+    forward and recompute); each bf16 gradient is added to the fp32 master gradient when complete,
+    then freed. On CPU the model's fp32 weights are the master weights. For 3.21B parameters on GPU:
+    6.4 GB bf16 copy + 12.8 master + 12.8 gradients + 25.7 Adam = 57.8 GB (+ 6.4 for a frozen bf16
+    reference when kl_beta > 0)."""
 
     def __init__(self, path, cfg, engine, lr, device):
         from transformers import AutoModelForCausalLM
@@ -514,10 +513,10 @@ class Policy:
         self.model.config.use_cache = False
         self.names, params = zip(*self.model.named_parameters())  # a tied embedding counts once
         copy = compute_dtype(device) != torch.float32
-        self.master = [p.detach().clone() for p in params] if copy else list(params)
-        for p, master in zip(params, self.master) if copy else ():
-            p.register_post_accumulate_grad_hook(functools.partial(add_grad, master))
-        self.model.to(compute_dtype(device))
+        self.master = [p.data if copy else p for p in params]  # the fp32 weights
+        for p, m in zip(params, self.master) if copy else ():  # parameters only: buffers (RoPE's) stay fp32
+            p.data = m.to(compute_dtype(device))
+            p.register_post_accumulate_grad_hook(functools.partial(add_grad, m))
         if cfg.gradient_checkpointing and device.type == "cuda":
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=cfg.weight_decay,

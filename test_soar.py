@@ -699,6 +699,7 @@ def test_bf16_copy_keeps_fp32_updates_at_lr_1e_6(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(soar, "compute_dtype", lambda device: torch.bfloat16)
     bf16, _, _ = make_policy(folder, lr=1e-6, micro_batch_tokens=len(comps[0].prompt_ids) + 12)
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in bf16.model.buffers()} == {torch.float32}  # RoPE's frequencies, as the sampler's
     assert {m.dtype for m in bf16.master} == {torch.float32} and len(bf16.master) == len(fp32.master)
     grads = {}
     for name, policy in (("fp32", fp32), ("bf16", bf16)):
