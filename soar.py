@@ -522,7 +522,7 @@ class Policy:
         self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=device.type == "cuda")  # [ours] defaults
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
-        self.pinned = {}  # moved(): the CPU side of each tensor, {key: (pinned buffer, version it holds)}
+        self.pinned = {}  # moved(): the CPU side of each tensor
         self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
         if cfg.kl_beta:
             self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=compute_dtype(device)).to(device)
@@ -533,10 +533,14 @@ class Policy:
         self.engine.load(self)
         return self.engine.generate(prompts, n, temperature, max_tokens, seed)
 
-    def state(self):
-        """A CPU copy of the master weights by name (to restore the baseline student, or promote one)."""
+    def state(self, into=None):
+        """A CPU copy of the master weights by name (to restore the baseline student, or promote one),
+        into `into` (an earlier copy, reused) or new buffers, pinned on GPU (see `moved`)."""
         with timed("copy"):
-            return {name: m.detach().to("cpu", copy=True) for name, m in zip(self.names, self.master)}
+            into = into or {name: host_buffer(m) for name, m in zip(self.names, self.master)}
+            for name, m in zip(self.names, self.master):
+                into[name].copy_(m)
+            return into
 
     @torch.no_grad()
     def set_state(self, state=None):
@@ -568,6 +572,11 @@ def make_engine(cfg, path, tokenizer):
             raise
         print("vLLM is not installed: sampling with HF generate (slow)", file=sys.stderr)
         return HFEngine(tokenizer)
+
+
+# `soar` writes the teacher's checkpoints in this thread while the next step runs (safetensors and
+# torch.save release the GIL while writing); at exit, Python waits for a write in progress.
+SAVER = concurrent.futures.ThreadPoolExecutor(1)
 
 
 def save_checkpoint(folder, policy, tokenizer, extra=None, final=False):
@@ -1000,34 +1009,38 @@ def save_student(folder, state, tokenizer, template):
     os.replace(tmp, folder)
 
 
-def load_state(folder):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
+def load_state(folder, into):
+    """save_student's weights into `into` (a Policy.state()) a tensor at a time: no second copy in host memory."""
+    from safetensors import safe_open
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                into[name].copy_(f.get_tensor(name))
+    return into
+
+
+def host_buffer(t):
+    """A CPU tensor like `t`, pinned if `t` is on a GPU: a copy to or from it is one DMA transfer, not
+    staged through pageable memory (36 GiB on an H200: 0.7 s each way, against 7 s up and 27 s down)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
 
 
 def moved(policy, device, optimizer=True):
     """Move a policy (weights, master weights, Adam states) between CPU and GPU: the teacher lives in
     CPU memory between its updates, so a GPU holds one trainer at a time (README, memory plan). The
-    CPU side of each tensor is a pinned buffer, allocated at its first move and reused: one DMA copy
-    each way (36 GiB on an H200: 0.7 s, against 7 s up and 27 s down through pageable memory), none
-    back into a buffer that holds the current version already. optimizer=False: the model's weights
-    only (for sampling). No-op on CPU."""
+    CPU side of each tensor is a pinned buffer (host_buffer), allocated at its first move and kept.
+    optimizer=False: the model's weights only (for sampling). No-op on CPU."""
     tensors = {("weight", i): p for i, p in enumerate(policy.model.parameters())}
-    for i, m in enumerate(policy.master if optimizer else []):
-        tensors.update({(key, i): v for key, v in policy.optimizer.state.get(m, {}).items()})
-        tensors.update({("master", i): m} if m is not tensors["weight", i] else {})
+    for i, m in enumerate(policy.master if optimizer else []):  # keys: the same tensor's buffer each time
+        tensors.update({("master", i): m, **{(key, i): v for key, v in policy.optimizer.state.get(m, {}).items()}})
     with timed("offload"):
         for key, t in tensors.items():
-            if t.device == device:
-                continue
-            if device.type == "cuda":
+            if t.device != device and device.type == "cuda":
                 t.data = t.data.to(device, non_blocking=True)
-                continue
-            buffer, held = policy.pinned.get(key) or (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), None)
-            if held != policy.version:
-                buffer.copy_(t, non_blocking=True)
-            policy.pinned[key] = (buffer, policy.version)
-            t.data = buffer
+            elif t.device != device:
+                if key not in policy.pinned:
+                    policy.pinned[key] = host_buffer(t)
+                t.data = policy.pinned[key].copy_(t, non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies are asynchronous
     return policy
@@ -1040,6 +1053,7 @@ def soar(cfg, probe=None):
     probe = probe or (lambda event, **data: None)
     rank, world_size = world()
     run = Path(cfg.resume or cfg.out)
+    SAVER.submit(int).result()  # a write that a crashed run in this process left in flight ends first
     teacher_dir = recover_checkpoint(run / "teacher")
     resuming = (teacher_dir / "run_state.json").exists()
     state = json.loads((teacher_dir / "run_state.json").read_text()) if resuming else \
@@ -1055,7 +1069,7 @@ def soar(cfg, probe=None):
     d_train = load_problems(cfg.data) if grounded else []
     tok = load_tokenizer(cfg.model)
     check_fits(cfg, tok, cfg.data if grounded else [], ["eval_max_new_tokens"], teacher=True)
-    device, cpu = device_for(rank), torch.device("cpu")
+    device = device_for(rank)
     if rank == 0:
         if resuming:  # the run's config.json plus the flags given (make_config): say what they change
             saved = json.loads((run / "config.json").read_text())
@@ -1076,108 +1090,104 @@ def soar(cfg, probe=None):
     baseline_state = student.state()
     teacher = None
     if rank == 0:
-        teacher = moved(Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device), cpu)
+        teacher = moved(Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device),
+                        torch.device("cpu"))
         if resuming:  # its Adam states go straight to the CPU
             load_trainer_state(teacher_dir, teacher)
 
-    saver, saving = concurrent.futures.ThreadPoolExecutor(1), None  # writes the teacher's checkpoints
-    try:
-        for step in tqdm(range(state["step"], cfg.outer_steps), desc="outer steps", disable=rank != 0,
-                         initial=state["step"], total=cfg.outer_steps):
-            step_start, times_before = time.time(), dict(TIMES)
-            # 1. Q_R: the same on every worker (a function of seed and step)
-            q_r = sample_reward_set(d_train, cfg, step) if grounded else []
-            probe("step_start", step=step, student=student, q_r=q_r)
-            # 2. the teacher writes g datasets of n questions (rank 0) and shares them with every worker
-            rollouts, datasets = None, None
-            if rank == 0:
-                with timed("teacher_sample"):  # vLLM takes the weights from the CPU; HF generate needs them here
-                    moved(teacher, device if isinstance(engine, HFEngine) else cpu, optimizer=False)
-                    rollouts, datasets = teacher_datasets(teacher, tok, cfg, step)
-                    moved(teacher, cpu, optimizer=False)
-            datasets = broadcast(datasets)
-            # 3. the jobs, spread over workers: inner loops (SOAR) or learnability estimates (Intrinsic-T),
-            #    and the baseline student's accuracy on this step's Q_R (Q_R is new every step)
-            jobs = [("inner", k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)] if grounded else \
-                [("learnability", k, 0) for k in range(cfg.n_datasets)]
-            owner = {job: i % world_size for i, job in enumerate(jobs)}
-            jobs.append(("baseline", -1, 0))
-            owner[jobs[-1]] = world_size - 1  # rank 0 also samples and updates the teacher
-            mine, trained = [], {}
-            for kind, k, j in jobs:
-                if owner[kind, k, j] != rank:
-                    continue
-                if kind == "baseline":
-                    acc = greedy_accuracy(student, tok, q_r, cfg.eval_max_new_tokens) if grounded else 0.0
-                    mine.append({"k": -1, "repeat": 0, "acc": acc})
-                elif kind == "learnability":
-                    mine.append({"k": k, "repeat": 0, "question_rewards":
-                                 learnability_rewards(student, tok, datasets[k], cfg, step, k)})
-                else:
-                    mine.append(inner_loop(student, tok, datasets[k], q_r, cfg, step, k, j, probe))
-                    if grounded and len(state["window"]) + 1 >= cfg.window:  # a promotion is possible this step
-                        trained[(k, j)] = student.state()
-                    student.set_state(baseline_state)  # revert: the next job starts from the baseline again
-            spent = {p: TIMES[p] - times_before.get(p, 0.0) for p in TIMES}
-            gathered = all_gather({"results": mine, "times": spent})
-            results = sorted((r for part in gathered for r in part["results"]), key=lambda r: (r["k"], r["repeat"]))
-            base_acc = results.pop(0)["acc"]  # the baseline job sorts first (k = -1)
-            # 4. teacher reward per dataset (SOAR) or per question (Intrinsic-T)
-            if grounded:
-                dataset_rewards, question_rewards = teacher_rewards(results, base_acc, cfg), None
-                step_reward = sum(dataset_rewards) / cfg.n_datasets
+    saving, trained = None, {}  # the teacher checkpoint being written (SAVER); trained students' buffers
+    for step in tqdm(range(state["step"], cfg.outer_steps), desc="outer steps", disable=rank != 0,
+                     initial=state["step"], total=cfg.outer_steps):
+        step_start, times_before = time.time(), dict(TIMES)
+        # 1. Q_R: the same on every worker (a function of seed and step)
+        q_r = sample_reward_set(d_train, cfg, step) if grounded else []
+        probe("step_start", step=step, student=student, q_r=q_r)
+        # 2. the teacher writes g datasets of n questions (rank 0) and shares them with every worker
+        rollouts, datasets = None, None
+        if rank == 0:
+            with timed("teacher_sample"):  # vLLM takes the weights from the CPU; HF generate needs them here
+                moved(teacher, device if isinstance(engine, HFEngine) else torch.device("cpu"), optimizer=False)
+                rollouts, datasets = teacher_datasets(teacher, tok, cfg, step)
+                moved(teacher, torch.device("cpu"), optimizer=False)
+        datasets = broadcast(datasets)
+        # 3. the jobs, spread over workers: inner loops (SOAR) or learnability estimates (Intrinsic-T),
+        #    and the baseline student's accuracy on this step's Q_R (Q_R is new every step)
+        jobs = [("inner", k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)] if grounded else \
+            [("learnability", k, 0) for k in range(cfg.n_datasets)]
+        owner = {job: i % world_size for i, job in enumerate(jobs)}
+        jobs.append(("baseline", -1, 0))
+        owner[jobs[-1]] = world_size - 1  # rank 0 also samples and updates the teacher
+        mine = []
+        for kind, k, j in jobs:
+            if owner[kind, k, j] != rank:
+                continue
+            if kind == "baseline":
+                acc = greedy_accuracy(student, tok, q_r, cfg.eval_max_new_tokens) if grounded else 0.0
+                mine.append({"k": -1, "repeat": 0, "acc": acc})
+            elif kind == "learnability":
+                mine.append({"k": k, "repeat": 0, "question_rewards":
+                             learnability_rewards(student, tok, datasets[k], cfg, step, k)})
             else:
-                dataset_rewards = None
-                question_rewards = {i: v for r in results for i, v in r["question_rewards"].items()}
-                step_reward = sum(question_rewards.values()) / max(len(question_rewards), 1)
-            # 5. promotion: the student trained on the step's best X_k (its best repeat) becomes the baseline
-            best, average = None, step_reward
-            if grounded:
-                best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
-                promote, average = promotion(state["window"], step_reward, cfg, bool(datasets[best_k]))
-                best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"]) if promote else None
-            if best:
-                folder = f"students/step_{step:04d}"
-                if rank == owner["inner", best["k"], best["repeat"]]:
-                    save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
-                all_gather(None)  # a barrier: the folder is written before anyone reads it
-                baseline_state = None  # freed before the new one is read: host memory (README, memory plan)
-                baseline_state = load_state(run / folder)
-                student.set_state(baseline_state)
-                probe("promotion", student=student, trained=trained, best=best, datasets=datasets)
-                state["baseline"], state["promotions"] = folder, state["promotions"] + [step]
-            trained.clear()
-            # 6. teacher update, then the step's records and the commit (rank 0)
-            if rank == 0:
-                rewards = rollout_rewards(rollouts, datasets, cfg, dataset_rewards, question_rewards)
-                advantages = teacher_advantages(rewards, dataset_rewards, cfg)
-                probe("teacher_update", rewards=rewards, advantages=advantages, dataset_rewards=dataset_rewards,
-                      results=results, base_acc=base_acc, datasets=datasets, rollouts=rollouts)
-                with timed("checkpoint"):  # the update changes the weights the last checkpoint is written from
-                    if saving:
-                        saving.result()
-                with timed("teacher_update"):
-                    moved(student, cpu)
-                    moved(teacher, device)
-                    update = policy_update(teacher, rollouts, advantages, cfg)
-                    moved(teacher, cpu)
-                    moved(student, device)
-                phases = {p for part in gathered for p in part["times"]}
-                times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in phases}
-                for p in ("teacher_update", "teacher_sample", "offload", "checkpoint"):  # rank 0's, after the gather
-                    times[p] = TIMES.get(p, 0.0) - times_before.get(p, 0.0)
-                log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
-                         step_reward, average, best, update, times, time.time() - step_start)
-                probe("before_commit", step=step)
-                state["step"] = step + 1
-                if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
-                    # the commit point of the step, written while the next step runs
-                    saving = saver.submit(save_checkpoint, teacher_dir, teacher, tok, json.loads(json.dumps(state)))
-            state = broadcast(state)
-        if saving:
-            saving.result()  # a failed write fails the run
-    finally:  # a crash waits for the write in progress too: whoever resumes finds it finished
-        saver.shutdown()
+                mine.append(inner_loop(student, tok, datasets[k], q_r, cfg, step, k, j, probe))
+                if grounded and len(state["window"]) + 1 >= cfg.window:  # a promotion is possible this step
+                    trained[(k, j)] = student.state(trained.get((k, j)))  # into last step's buffers
+                student.set_state(baseline_state)  # revert: the next job starts from the baseline again
+        spent = {p: TIMES[p] - times_before.get(p, 0.0) for p in TIMES}
+        gathered = all_gather({"results": mine, "times": spent})
+        results = sorted((r for part in gathered for r in part["results"]), key=lambda r: (r["k"], r["repeat"]))
+        base_acc = results.pop(0)["acc"]  # the baseline job sorts first (k = -1)
+        # 4. teacher reward per dataset (SOAR) or per question (Intrinsic-T)
+        if grounded:
+            dataset_rewards, question_rewards = teacher_rewards(results, base_acc, cfg), None
+            step_reward = sum(dataset_rewards) / cfg.n_datasets
+        else:
+            dataset_rewards = None
+            question_rewards = {i: v for r in results for i, v in r["question_rewards"].items()}
+            step_reward = sum(question_rewards.values()) / max(len(question_rewards), 1)
+        # 5. promotion: the student trained on the step's best X_k (its best repeat) becomes the baseline
+        best, average = None, step_reward
+        if grounded:
+            best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
+            promote, average = promotion(state["window"], step_reward, cfg, bool(datasets[best_k]))
+            best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"]) if promote else None
+        if best:
+            folder = f"students/step_{step:04d}"
+            if rank == owner["inner", best["k"], best["repeat"]]:
+                save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
+            all_gather(None)  # a barrier: the folder is written before anyone reads it
+            student.set_state(load_state(run / folder, baseline_state))
+            probe("promotion", student=student, trained=trained, best=best, datasets=datasets)
+            state["baseline"], state["promotions"] = folder, state["promotions"] + [step]
+        # 6. teacher update, then the step's records and the commit (rank 0)
+        if rank == 0:
+            rewards = rollout_rewards(rollouts, datasets, cfg, dataset_rewards, question_rewards)
+            advantages = teacher_advantages(rewards, dataset_rewards, cfg)
+            probe("teacher_update", rewards=rewards, advantages=advantages, dataset_rewards=dataset_rewards,
+                  results=results, base_acc=base_acc, datasets=datasets, rollouts=rollouts)
+            with timed("checkpoint"):  # the update changes the weights the last checkpoint is written from
+                if saving:
+                    saving.result()
+            with timed("teacher_update"):
+                moved(student, torch.device("cpu"))
+                moved(teacher, device)
+                update = policy_update(teacher, rollouts, advantages, cfg)
+                moved(teacher, torch.device("cpu"))
+                moved(student, device)
+            phases = {p for part in gathered for p in part["times"]}
+            times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in phases}
+            for p in ("teacher_update", "teacher_sample", "offload", "checkpoint"):  # rank 0's, after the gather
+                times[p] = TIMES.get(p, 0.0) - times_before.get(p, 0.0)
+            log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
+                     step_reward, average, best, update, times, time.time() - step_start)
+            probe("before_commit", step=step)
+            state["step"] = step + 1
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
+                # the commit point of the step, written while the next step runs (nothing changes the
+                # teacher before its next update, which waits for it)
+                saving = SAVER.submit(save_checkpoint, teacher_dir, teacher, tok, json.loads(json.dumps(state)))
+        state = broadcast(state)
+    if saving:
+        saving.result()  # a failed write fails the run
 
     if isinstance(engine, VLLMEngine):
         engine.close()
@@ -1497,8 +1507,9 @@ def select_promoted_student(cfg, run):
     check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"])
     student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
     scores = {cfg.model: greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)}
+    state = student.state()
     for folder in sorted((Path(run) / "students").glob("step_*")):
-        student.set_state(load_state(folder))
+        student.set_state(load_state(folder, state))
         scores[str(folder)] = greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)
     best = max(scores, key=lambda m: (scores[m], m != cfg.model))  # ties go to a promoted student
     write_json_atomic(Path(run) / "promoted_student.json", {"best": best, "val_accuracy": scores})

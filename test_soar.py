@@ -726,11 +726,12 @@ def test_cpu_copies_hold_a_tied_embedding_once(tiny, tmp_path):
     assert "lm_head.weight" not in state and len(state) == len(list(policy.model.parameters()))
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in policy.model.parameters())
     soar.save_student(tmp_path / "student", state, tok, policy)
-    reloaded = soar.load_state(tmp_path / "student")
+    reloaded = soar.load_state(tmp_path / "student", {k: torch.zeros_like(v) for k, v in state.items()})
     assert all(torch.equal(reloaded[name], v) for name, v in state.items())
     policy.set_state({k: torch.zeros_like(v) for k, v in state.items()})
     policy.set_state(reloaded)
-    assert params_equal(policy.model, reloaded) and policy.model.lm_head.weight is policy.model.model.embed_tokens.weight
+    assert all(torch.equal(p, reloaded[name]) for name, p in policy.model.named_parameters())
+    assert policy.model.lm_head.weight is policy.model.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
@@ -1022,32 +1023,38 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     assert any(r["promoted"] for r in read_rows(whole / "metrics.jsonl"))
 
 
-def test_teacher_checkpoint_is_written_while_the_next_step_runs(tiny, toy_train, tmp_path, monkeypatch):
-    """The checkpoint that commits step t is written in the background: the write below can only
-    finish once step t+1 has started (written in the foreground, the run would stop there). A kill
-    in the middle of one of these writes (the one committing step 2) loses nothing: the run resumes
-    from step 1's and ends exactly as the uninterrupted run."""
+# A child process whose teacher checkpoints wait until the next step has started (written in the
+# foreground, the run would stop there), and which is SIGKILLed half-way through the write that
+# commits step 2 (the weights written, nothing else), while step 2 runs.
+KILLED_IN_A_WRITE = """
+import os, signal, sys, threading, soar
+started, save = {t: threading.Event() for t in range(4)}, soar.save_checkpoint
+def save_once_the_next_step_runs(folder, policy, tok, state, final=False):
+    if not started[state["step"]].wait(timeout=120):
+        sys.exit("the checkpoint write held the run up")
+    if state["step"] == 2:
+        policy.model.save_pretrained(f"{folder}.tmp")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(folder, policy, tok, state, final)
+soar.save_checkpoint = save_once_the_next_step_runs
+soar.soar(soar.make_config(sys.argv[1:], "test"),
+          probe=lambda event, **data: started[data["step"]].set() if event == "step_start" else None)
+"""
+
+
+def test_a_kill_during_the_background_checkpoint_resumes_from_the_last_finished_one(tiny, toy_train, tmp_path):
     extra = ("--window", "2", "--outer_steps", "3")
     whole = soar.soar(soar_config(tiny, toy_train, tmp_path / "whole", *extra))
-    started, save = {t: threading.Event() for t in range(4)}, soar.save_checkpoint
-
-    def save_once_the_next_step_runs(folder, policy, tok, state, final=False):
-        assert started[state["step"]].wait(timeout=120), "the checkpoint write held the run up"
-        if state["step"] == 2:  # a kill half-way: the weights are written, nothing else, nothing renamed
-            policy.model.save_pretrained(Path(f"{folder}.tmp"))
-            raise KeyboardInterrupt("killed during the write")
-        save(folder, policy, tok, state, final)
-
-    monkeypatch.setattr(soar, "save_checkpoint", save_once_the_next_step_runs)
-    with pytest.raises(KeyboardInterrupt):
-        soar.soar(soar_config(tiny, toy_train, tmp_path / "run", *extra),
-                  probe=lambda event, **data: started[data["step"]].set() if event == "step_start" else None)
-    assert soar.committed_step(tmp_path / "run" / "teacher") == 1 and started[2].is_set()
-    monkeypatch.setattr(soar, "save_checkpoint", save)
-    soar.soar(soar.make_config(["--resume", str(tmp_path / "run")], "test"))
-    assert strip_times(read_rows(whole / "metrics.jsonl")) == strip_times(read_rows(tmp_path / "run" / "metrics.jsonl"))
-    assert read_rows(whole / "promotion_questions.jsonl") == read_rows(tmp_path / "run" / "promotion_questions.jsonl")
-    assert soar.committed_step(tmp_path / "run" / "teacher") == 3 and not (tmp_path / "run" / "teacher.tmp").exists()
+    run = tmp_path / "run"
+    child = subprocess.run([sys.executable, "-c", KILLED_IN_A_WRITE, "--model", str(tiny), "--data", str(toy_train),
+                            "--out", str(run), *extra], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert soar.committed_step(run / "teacher") == 1 and (run / "teacher.tmp").exists()
+    assert len(read_rows(run / "metrics.jsonl")) == 2  # step 1's row was written, its commit was not
+    soar.soar(soar.make_config(["--resume", str(run)], "test"))
+    assert strip_times(read_rows(whole / "metrics.jsonl")) == strip_times(read_rows(run / "metrics.jsonl"))
+    assert read_rows(whole / "promotion_questions.jsonl") == read_rows(run / "promotion_questions.jsonl")
+    assert soar.committed_step(run / "teacher") == 3 and not (run / "teacher.tmp").exists()
 
 
 def test_resume_changes_only_the_flags_given_and_a_finished_run_says_so(tiny, toy_train, tmp_path, capsys):
