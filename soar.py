@@ -1019,9 +1019,8 @@ def load_state(folder, into):
     return into
 
 
-def host_buffer(t):
-    """A CPU tensor like `t`, pinned if `t` is on a GPU: a copy to or from it is one DMA transfer, not
-    staged through pageable memory (36 GiB on an H200: 0.7 s each way, against 7 s up and 27 s down)."""
+def host_buffer(t):  # pinned if `t` is on a GPU: one DMA copy, not staged through pageable memory
+    """A CPU tensor like `t` (36 GiB from an H200: 0.7 s each way pinned, 7 s up and 27 s down pageable)."""
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
 
 
@@ -1888,10 +1887,9 @@ def build_tiny_model(folder, seed=0, hidden=64, layers=2, warmup_steps=150):
 
 
 def bench(cfg):
-    """What a run costs here, measured: a plain HF loop (the anchor: bf16 weights and AdamW on GPU,
-    checkpointing, HF's loss) and our trainer on the same tokens (tokens/s; MFU, peak memory on GPU),
-    the trained policy's offload round trip and checkpoint write, an inner loop's state copies,
-    sampling per backend, the weight sync into vLLM; then the paper run projected (project_run)."""
+    """What a run costs here, measured (JSON): a plain HF loop (bf16 weights and AdamW on GPU) and our
+    trainer on the same tokens, an offload round trip, a checkpoint write, state copies, sampling per
+    backend, the weight sync into vLLM; then the paper run projected from them (project_run)."""
     import tempfile
     from transformers import AutoModelForCausalLM
     device, tok, L, B = device_for(0), load_tokenizer(cfg.model), cfg.bench_seq_len, cfg.bench_prompts
@@ -1926,7 +1924,8 @@ def bench(cfg):
     optimizer = torch.optim.AdamW(anchor.parameters(), lr=cfg.lr, fused=gpu)
 
     def anchor_step(batch, _):  # in micro-batches of the trainer's size
-        for ids in torch.tensor([c.prompt_ids + c.ids for c in batch], device=device).split(cfg.micro_batch_tokens // L or 1):
+        sequences = torch.tensor([c.prompt_ids + c.ids for c in batch], device=device)
+        for ids in sequences.split(cfg.micro_batch_tokens // L or 1):
             anchor(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -1994,7 +1993,8 @@ def project_run(m, gpus=8):
             # rank 0 moves the teacher (18 B a parameter, as bench does) and the student (6 B: no Adam states)
             "offload": m["offload_s"] * 24 / 18, "teacher_update": train(rollouts * (P + T))}
     # the checkpoint is written while the next step samples and runs its jobs; rank 0 waits for the rest
-    step["checkpoint"] = max(0.0, m["checkpoint_s"] - step["teacher_sample"] - step["inner_loops"] - step["baseline_eval"])
+    step["checkpoint"] = max(0.0, m["checkpoint_s"] - step["teacher_sample"] - step["inner_loops"]
+                             - step["baseline_eval"])
     total = sum(step.values())
     learnability = math.ceil(p.n_datasets / gpus) * (sync + sample(p.dataset_size * p.learnability_samples * S))
     training = lambda group: p.steps * (sync + p.batch_size * group * (sample(S) + train(P + S)))
