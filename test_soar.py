@@ -717,6 +717,7 @@ def test_bf16_copy_keeps_fp32_updates_at_lr_1e_6(tiny, tmp_path, monkeypatch):
     assert visible.float().mean() < 0.1  # what a pure-bf16 AdamW would have kept of the step
     assert all(torch.equal(p, m.bfloat16()) for p, m in zip(bf16.model.parameters(), bf16.master))
     assert all(p.grad is None for p in bf16.model.parameters()) and all(m.grad is None for m in bf16.master)
+    assert {v.dtype for s in bf16.optimizer.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
 
 
 def test_cpu_copies_hold_a_tied_embedding_once(tiny, tmp_path):
