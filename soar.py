@@ -2048,7 +2048,7 @@ def build_lab_model(folder, seed=0):
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
         return (TEACHER_PROMPT, f"Question: {p['problem']}\nAnswer: \\boxed{{{p['answer']}}}") if teacher else \
             (STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
-    folder, recipe = Path(folder), json.dumps({**LAB, "seed": seed})
+    folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("student_k", "teacher_k", "warmup_steps")} | {"seed": seed})
     if not (folder / "lab.json").exists() or (folder / "lab.json").read_text() != recipe:
         shutil.rmtree(folder, ignore_errors=True)
         tok = char_tokenizer()
