@@ -514,15 +514,10 @@ def load_tokenizer(path):
 
 
 class Policy:
-    """A trainable model: fp32 master weights, AdamW, and an engine that samples from it.
-
-    Precision: master weights, gradients and Adam states are fp32 (pure-bf16 AdamW rounds away updates
-    below 2^-8 of a weight, at lr ~1e-6 most of them). On GPU the model computes with a bf16 copy of
-    the master weights, refreshed once per optimizer step (autocast would cast every weight in every
-    forward and recompute); each bf16 gradient is added to the fp32 master gradient when complete,
-    then freed. On CPU the model's fp32 weights are the master weights. For 3.21B parameters on GPU:
-    6.4 GB bf16 copy + 12.8 master + 12.8 gradients + 25.7 Adam = 57.8 GB (+ 6.4 for a frozen bf16
-    reference when kl_beta > 0)."""
+    """A trainable model: fp32 master weights, gradients and Adam states, and an engine that samples
+    from it. On GPU the model computes with a bf16 copy of the master weights, refreshed once per
+    optimizer step (autocast would recast every weight in every forward); each bf16 gradient is added
+    to the fp32 master gradient when complete (README, memory plan: why fp32, and the sizes)."""
 
     def __init__(self, path, cfg, engine, lr, device):
         from transformers import AutoModelForCausalLM
@@ -660,14 +655,9 @@ def grpo_advantages(rewards, eps=1e-6):  # [ours] eps: keeps an all-equal group 
 def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2,
                          ref_logprobs=None, kl_beta=0.0, num_tokens=None):
     """Token-level clipped policy-gradient loss (PPO's surrogate), optionally with a k3 KL penalty.
-
     logprobs, old_logprobs, mask, ref_logprobs: [B, T] (mask = 1 on response tokens only);
-    advantages: [B], one per sequence, shared by its tokens.
-
-    Normalization: per token over the batch, i.e. the sum over all response tokens divided by
-    `num_tokens` (default: the mask's sum). With per-sequence means a token in a short answer weighs
-    more than one in a long answer, which biases length (Dr. GRPO, Liu et al. 2025); per token, every
-    token counts the same. Pass num_tokens when a batch is split into micro-batches."""
+    advantages: [B], shared by a sequence's tokens. Normalized per token over the batch: the sum
+    divided by `num_tokens` (default: the mask's sum; README, loss normalization: why)."""
     mask = mask.float()
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
@@ -685,17 +675,14 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
     (log softmax(logits / T): the distribution the sampler drew them from).
 
     Returns logprobs [B, T] (column t: the token at position t+1; 0 outside the responses) and the
-    response mask [B, T]. Sequences are right-padded with token 0 to the longest one, and need no
-    attention mask: under causal attention no token sees the padding after it (and without a mask
-    SDPA keeps its fastest kernel).
+    response mask [B, T]. Sequences are right-padded with token 0 and need no attention mask: under
+    causal attention no token sees the padding after it (and SDPA keeps its fastest kernel).
 
-    The output layer runs on response tokens only (the loss needs nothing else), `chunk` tokens at a
-    time [ours: 1024] under checkpointing: the fp32 logits of a whole micro-batch (tokens x vocab x
-    4 B: 4 GiB for 8192 tokens of a 128k vocabulary, and log-softmax's backward holds two more)
-    would be the largest activation; one chunk's (0.5 GiB) is alive at a time and is recomputed in
-    the backward pass. Its sums are fp32 [ours]: bf16 logits of 16-32 are rounded by up to
-    0.06-0.125, and every token's log-prob with them (README: the measured gap). (A model that
-    post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
+    The output layer runs on response tokens only, `chunk` tokens at a time [ours: 1024] under
+    checkpointing: a micro-batch's fp32 logits would be the largest activation (4 GiB for 8192
+    tokens of a 128k vocabulary); one chunk's is alive at a time (README, memory plan). Its sums are
+    fp32 [ours]: bf16 rounds a logit of 16-32 by up to 0.125. (A model that post-processes its
+    logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
     dev, width = model.device, max(map(len, sequences))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=dev)
