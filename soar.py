@@ -309,6 +309,29 @@ def write_json_atomic(path, obj):
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def append_jsonl(path, *rows):
+    """Append rows to a jsonl log, on disk when it returns: a crash can tear only the last line."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_log(path):
+    """The rows of a jsonl log written by append_jsonl, without a line a crash tore."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def keep_rows(path, keep):
+    """Rewrite a jsonl log keeping only the rows `keep` accepts (used when resuming)."""
+    if Path(path).exists():
+        write_jsonl_atomic(path, [row for row in read_log(path) if keep(row)])
+
+
 def load_problems(paths):
     problems = []
     for p in paths:
@@ -356,6 +379,10 @@ def chat_ids(tokenizer, content):
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False, date_string="26 Jul 2024")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def student_prompts(tokenizer, problems):
+    return [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
 
 
 def check_fits(cfg, tok, paths=(), budgets=("max_new_tokens",), teacher=False):
@@ -756,8 +783,7 @@ def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
     problems: dicts with "problem" and "answer" (for the inner loop: the teacher's answer)."""
     t0 = time.time()
     with timed("rl_sample"):
-        prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
-        groups = policy.sample(prompts, cfg.group_size, cfg.temperature, cfg.max_new_tokens, seed)
+        groups = policy.sample(student_prompts(tokenizer, problems), cfg.group_size, cfg.temperature, cfg.max_new_tokens, seed)
     t1 = time.time()
     with timed("grade"):
         rewards = torch.tensor([[reward_fn(c.text, p["answer"]) for c in group]
@@ -788,22 +814,24 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def greedy_accuracy(policy, tokenizer, problems, max_tokens, reward_fn=grader.grade):
+def successes(policy, tokenizer, problems, n, temperature, max_tokens, seed):
+    """For each problem, how many of n sampled answers grade right against its "answer"."""
+    groups = policy.sample(student_prompts(tokenizer, problems), n, temperature, max_tokens, seed)
+    return [int(sum(grader.grade(c.text, p["answer"]) for c in g)) for g, p in zip(groups, problems)]
+
+
+def greedy_accuracy(policy, tokenizer, problems, max_tokens):
     """Share of problems solved by greedy decoding (how SOAR measures the student on Q_R)."""
     with timed("eval"):
-        prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
-        groups = policy.sample(prompts, 1, 0.0, max_tokens, seed=0)
-        return sum(reward_fn(g[0].text, p["answer"]) for g, p in zip(groups, problems)) / max(len(problems), 1)
+        return sum(successes(policy, tokenizer, problems, 1, 0.0, max_tokens, seed=0)) / max(len(problems), 1)
 
 
 def evaluate(policy, tokenizer, problems, n, ks, cfg, seed=0):
     """pass@k for each k (n samples per problem at cfg.temperature) and greedy accuracy."""
-    prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
     counts = []
-    for start in tqdm(range(0, len(prompts), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
-        groups = policy.sample(prompts[start:start + 32], n, cfg.temperature, cfg.max_new_tokens, seed + start)
-        counts += [int(sum(grader.grade(c.text, p["answer"]) for c in g))
-                   for g, p in zip(groups, problems[start:start + 32])]
+    for start in tqdm(range(0, len(problems), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
+        counts += successes(policy, tokenizer, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
+                            seed + start)
     result = {"n": n, "problems": len(problems),
               "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
                             for k in ks if k <= n},
@@ -847,24 +875,6 @@ def train(cfg, reward_fn=grader.grade):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(ckpt, policy, tok, {"step": step + 1}, final=step + 1 == cfg.steps)
     return policy
-
-
-def append_jsonl(path, row):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def keep_rows(path, keep):
-    """Rewrite a jsonl log keeping only the rows `keep` accepts (used when resuming)."""
-    path = Path(path)
-    if path.exists():
-        rows = []
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a crash can tear the last line
-                rows.append(json.loads(line))
-        write_jsonl_atomic(path, [r for r in rows if keep(r)])
 
 
 # ================================================================================================
@@ -948,14 +958,10 @@ def learnability_rewards(student, tokenizer, dataset, cfg, step, k):
     student's success rate over m samples judged against the teacher's own answer."""
     if not dataset:
         return {}
-    prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=q["problem"])) for q in dataset]
-    groups = student.sample(prompts, cfg.learnability_samples, cfg.temperature, cfg.max_new_tokens,
-                            seed_of(cfg.seed, step, k, "learnability"))
-    rewards = {}
-    for q, group in zip(dataset, groups):
-        p = sum(grader.grade(c.text, q["answer"]) for c in group) / len(group)
-        rewards[q["rollout"]] = p * (1 - p)
-    return rewards
+    m = cfg.learnability_samples
+    counts = successes(student, tokenizer, dataset, m, cfg.temperature, cfg.max_new_tokens,
+                       seed_of(cfg.seed, step, k, "learnability"))
+    return {q["rollout"]: c / m * (1 - c / m) for q, c in zip(dataset, counts)}
 
 
 def teacher_rewards(results, base_acc, cfg):
@@ -1213,9 +1219,8 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
                      **({} if q else {"text": c.text})})
     write_jsonl_atomic(run / "questions" / f"step_{step:04d}.jsonl", rows)
     if best is not None:  # the best dataset joins the promotion questions (the paper's D_best)
-        for q in datasets[best["k"]]:
-            append_jsonl(run / "promotion_questions.jsonl",
-                         {"step": step, "problem": q["problem"], "answer": q["answer"], "source": "teacher"})
+        append_jsonl(run / "promotion_questions.jsonl", *[{"step": step, "problem": q["problem"], "answer": q["answer"],
+                                                          "source": "teacher"} for q in datasets[best["k"]]])
     parsed = sum(map(len, datasets))
     append_jsonl(run / "metrics.jsonl", {
         "step": step, "teacher_reward": step_reward, "moving_avg": average, "rewards": dataset_rewards,
@@ -1442,31 +1447,22 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
         p.setdefault("id", f"row{i}")
     problems, duplicates = unique_problems(problems)  # before the split: a problem lands on one side only
     out_prefix = Path(out_prefix)
-    done = {}
-    for counts in out_prefix.parent.glob(f"{out_prefix.name}_counts*.jsonl"):  # every shard's counts
-        for line in counts.read_text().splitlines():  # a crash can tear the last line: resampled
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                done[row["id"]] = row["successes"]
+    done = {row["id"]: row["successes"]  # every shard's counts; a line a crash tore is sampled again
+            for counts in out_prefix.parent.glob(f"{out_prefix.name}_counts*.jsonl") for row in read_log(counts)}
     counts_path = Path(f"{out_prefix}_counts{cfg.shard if cfg.shards > 1 else ''}.jsonl")
     todo = [p for i, p in enumerate(problems) if p["id"] not in done and i % cfg.shards == cfg.shard]
     if todo:
+        counts_path.parent.mkdir(parents=True, exist_ok=True)
         tok = load_tokenizer(cfg.model)
         check_fits(cfg, tok, data_paths)
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
     chunk = 64  # [ours] problems per engine call; also the resume granularity
     for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
         batch = todo[start:start + chunk]
-        prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=p["problem"])) for p in batch]
         seed = seed_of(cfg.seed, "filter", batch[0]["id"])  # a function of the problems, not of the shard
-        groups = policy.sample(prompts, k, cfg.temperature, cfg.max_new_tokens, seed)
-        counts_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(counts_path, "a", encoding="utf-8") as f:
-            for p, group in zip(batch, groups):
-                done[p["id"]] = int(sum(grader.grade(c.text, p["answer"]) for c in group))
-                f.write(json.dumps({"id": p["id"], "successes": done[p["id"]], "k": k}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        counts = successes(policy, tok, batch, k, cfg.temperature, cfg.max_new_tokens, seed)
+        done.update((p["id"], c) for p, c in zip(batch, counts))
+        append_jsonl(counts_path, *[{"id": p["id"], "successes": c, "k": k} for p, c in zip(batch, counts)])
     if any(p["id"] not in done for p in problems):
         return None  # other shards are still counting
     hard = [p for p in problems if done[p["id"]] == 0]
