@@ -488,36 +488,31 @@ class HFEngine:
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos))
         how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
             else dict(do_sample=False)  # top_k=0: no truncation, as in vLLM
-        was_training = model.training
+        was_training, flat = model.training, []
         model.eval()
-        results = []
-        cuda = [model.device] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call (memory)
                 chunk = prompts[start:start + 16]
                 width = max(map(len, chunk))  # left-pad so every prompt ends where generation starts
                 ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
-                                    device=model.device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
                                      num_return_sequences=n, pad_token_id=pad, **how)
                 for row, prompt in enumerate(p for p in chunk for _ in range(n)):
                     resp = out[row, width:].tolist()
                     resp = resp[:next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))]  # to EOS
-                    if row % n == 0:
-                        results.append([])
                     text = tok.decode(resp, skip_special_tokens=True)
-                    results[-1].append(Completion(list(prompt), resp, text, [], temperature or 1.0))  # log-probs below
-        flat = [c for group in results for c in group if c.ids]
-        for i in range(0, len(flat), 16):
-            part = flat[i:i + 16]
+                    flat.append(Completion(list(prompt), resp, text, [], temperature or 1.0))  # log-probs below
+        done = [c for c in flat if c.ids]
+        for i in range(0, len(done), 16):
+            part = done[i:i + 16]
             logprobs, mask = sequence_logprobs(model, [c.prompt_ids + c.ids for c in part],
                                                [len(c.prompt_ids) for c in part], temperature=part[0].temperature)
             for c, lp, m in zip(part, logprobs, mask):
                 c.logprobs = lp[m].tolist()
         model.train(was_training)
-        return results
+        return [flat[i:i + n] for i in range(0, len(flat), n)]
 
 
 def compute_dtype(device):
@@ -730,11 +725,8 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
 
 
 def policy_update(policy, completions, advantages, cfg):
-    """One optimizer step on a batch of completions with per-sequence advantages.
-
-    Length-bucketed micro-batches (sorted by length, split by token budget) keep padding small;
-    sequences with zero advantage are skipped (their loss and gradient are exactly zero when
-    kl_beta = 0, and on hard problems most groups are all-zero)."""
+    """One optimizer step on a batch of completions with per-sequence advantages, in micro-batches
+    of similar lengths (little padding); sequences with zero advantage are skipped (README)."""
     model = policy.model
     model.train()
     num_tokens = sum(len(c.ids) for c in completions)
