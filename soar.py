@@ -8,15 +8,13 @@ at problems it cannot solve at all (fail@128). Reference implementation of
 Read it top to bottom; it follows the algorithm.
     1. configuration        every value marked [paper] (from the paper) or [ours] (our choice, and why)
     2. data and prompts     jsonl problems, the student prompt, the teacher prompt and its parser
-    3. models and samplers  fp32 master weights for training; vLLM (or HF generate) for sampling,
-                            re-synced with the trainer's weights after every optimizer step
+    3. models and samplers  fp32 master weights; vLLM (or HF generate), synced after every optimizer step
     4. RL core              RLOO / GRPO advantages, the clipped policy-gradient loss, one RL step
     5. evaluation           greedy accuracy and unbiased pass@k; the `train` command
-    6. SOAR                 outer step: Q_R -> teacher datasets -> inner loops -> teacher reward ->
-                            promotion -> teacher update; Intrinsic-T; workers; resume
+    6. SOAR                 Q_R -> teacher datasets -> inner loops -> reward -> promotion -> teacher update
     7. the paper's pipeline prepare, fail@k filter, evaluation protocol, report
     8. small models, bench  the demo and test models; sampling and training throughput
-    9. the command line
+    9. the command line     flags -> Config, each command's options and --help
 
 Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field;
 COMMAND --help lists the options it reads, with their defaults and why ([paper] or [ours]).
@@ -68,7 +66,7 @@ except ImportError:  # progress bars are a nicety, never a requirement
 # 1. Configuration
 # ================================================================================================
 # One flat config for every command, nanoGPT style: defaults below, a preset on top, then
-# `--key value` flags. [paper] = stated in Sundaram et al. 2026; [ours] = our choice.
+# `--key value` flags (make_config, section 9). [paper] = stated in Sundaram et al. 2026; [ours] = our choice.
 
 
 # The methods of the paper's evaluation protocol (Section 4); "Oracle" is the lab's upper bound.
@@ -184,47 +182,6 @@ PRESETS = {
 class UserError(ValueError):
     """Bad input: a flag, a file, a row. The command line prints it as one line and exits with
     status 2; any other exception is a bug and keeps its traceback."""
-
-
-def parse_flags(argv):
-    """{field: value} of `--key value` flags, typed like the field's default (a list field takes
-    several values; a bool flag alone means true)."""
-    defaults, flags, i = Config(), {}, 0
-    while i < len(argv):
-        key, j = argv[i][2:].replace("-", "_"), i + 1
-        if not argv[i].startswith("--") or key not in Config.__dataclass_fields__:
-            raise UserError(f"unknown option {argv[i]!r} (--help lists the options)")
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        values, default, i = argv[i + 1:j], getattr(defaults, key), j
-        if isinstance(default, list):
-            flags[key] = flags.get(key, []) + values
-            continue
-        if len(values) != 1 and not (isinstance(default, bool) and not values):
-            raise UserError(f"--{key} takes one value")
-        value = (values or ["true"])[0]
-        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        try:
-            flags[key] = truth[value.lower()] if isinstance(default, bool) else type(default)(value)
-        except (KeyError, ValueError):
-            raise UserError(f"--{key}: expected {type(default).__name__}, got {value!r}") from None
-    return flags
-
-
-def make_config(argv, preset="paper"):
-    """Config = defaults, then a preset, then `--key value` flags. With `--resume RUN` the base is
-    RUN/config.json instead of the preset: a resumed run changes only in the flags given."""
-    flags = parse_flags(argv)
-    if flags.get("resume"):
-        saved = Path(flags["resume"]) / "config.json"
-        if not saved.is_file():
-            raise UserError(f"--resume {flags['resume']}: no config.json there")
-        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in Config.__dataclass_fields__}
-    elif preset in PRESETS:
-        base = PRESETS[preset]
-    else:
-        raise UserError(f"--preset: unknown preset {preset!r}; one of {', '.join(PRESETS)}")
-    return Config(**{**base, **flags})
 
 
 # Where the time goes: exclusive seconds per phase (a nested phase's time is not counted twice).
@@ -355,10 +312,8 @@ TEACHER_PROMPT = ("Write one new math problem for a student to practice, then it
 
 
 def parse_teacher_output(text, max_chars=4000):  # [ours] no real question is longer
-    """(question, answer) from a teacher rollout, or None when it does not follow the format.
-
-    We take the text between the first 'Question:' and the last 'Answer:', and the answer from the
-    boxed expression after 'Answer:'. Strict on purpose: an unparseable rollout gets a fixed penalty
+    """(question, answer): the text between the first 'Question:' and the last 'Answer:', and the
+    boxed answer after it; else None. Strict on purpose: an unparseable rollout gets a fixed penalty
     (Config.parse_penalty) and never reaches the student."""
     if not isinstance(text, str) or len(text) > max_chars:
         return None
@@ -2162,6 +2117,47 @@ def project_run(m, gpus=8):
 # ================================================================================================
 # 9. Command line
 # ================================================================================================
+
+def parse_flags(argv):
+    """{field: value} of `--key value` flags, typed like the field's default (a list field takes
+    several values; a bool flag alone means true)."""
+    defaults, flags, i = Config(), {}, 0
+    while i < len(argv):
+        key, j = argv[i][2:].replace("-", "_"), i + 1
+        if not argv[i].startswith("--") or key not in Config.__dataclass_fields__:
+            raise UserError(f"unknown option {argv[i]!r} (--help lists the options)")
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        values, default, i = argv[i + 1:j], getattr(defaults, key), j
+        if isinstance(default, list):
+            flags[key] = flags.get(key, []) + values
+            continue
+        if len(values) != 1 and not (isinstance(default, bool) and not values):
+            raise UserError(f"--{key} takes one value")
+        value = (values or ["true"])[0]
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        try:
+            flags[key] = truth[value.lower()] if isinstance(default, bool) else type(default)(value)
+        except (KeyError, ValueError):
+            raise UserError(f"--{key}: expected {type(default).__name__}, got {value!r}") from None
+    return flags
+
+
+def make_config(argv, preset="paper"):
+    """Config = defaults, then a preset, then `--key value` flags. With `--resume RUN` the base is
+    RUN/config.json instead of the preset: a resumed run changes only in the flags given."""
+    flags = parse_flags(argv)
+    if flags.get("resume"):
+        saved = Path(flags["resume"]) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {flags['resume']}: no config.json there")
+        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in Config.__dataclass_fields__}
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise UserError(f"--preset: unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+    return Config(**{**base, **flags})
+
 
 # The options each command reads; `python soar.py COMMAND --help` lists them with their defaults and
 # the comments of Config, the one place where every value's source and reason are written.
