@@ -827,17 +827,11 @@ def train(cfg, reward_fn=grader.grade):
 # ================================================================================================
 # 6. SOAR: the meta-RL loop
 # ================================================================================================
-# One outer step t:
-#   1. sample Q_R, |Q_R| hard problems from D_train               (sample_reward_set)
-#   2. the teacher writes g*n (question, answer) pairs -> X_1..X_g  (teacher_datasets)
-#   3. inner loops: for every X_k and repeat, a copy of the baseline student trains on X_k with
-#      RLOO, then is scored greedily on Q_R                          (inner_loop)
-#   4. teacher reward R(X_k) = mean over repeats of acc(trained) - acc(baseline)   (teacher_rewards)
-#   5. promotion when the moving average of the step's reward exceeds tau  (promotion)
-#   6. teacher update: RLOO across the g datasets                    (teacher_advantages)
-#   7. the step's records, then the teacher checkpoint: the commit point  (log_step)
-# Inner loops are independent jobs spread over workers (torchrun: one per GPU). Every random choice
-# is a function of (seed, step, k, repeat), so results do not depend on the number of workers.
+# One outer step t (soar() below numbers its parts; the README lists them: one outer step, in the code):
+# Q_R -> teacher datasets X_1..X_g -> inner loops -> teacher reward R(X_k) -> promotion -> teacher
+# update -> the step's records and the commit. Inner loops are independent jobs spread over workers
+# (torchrun: one per GPU). Every random choice is a function of (seed, step, k, repeat), so results
+# do not depend on the number of workers.
 
 def world():
     import torch.distributed as dist
@@ -1382,13 +1376,10 @@ def upper_bound(train, test):
 
 
 def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
-    """Sample k solutions per problem (student prompt, cfg.temperature), record success counts in
-    OUT_counts*.jsonl (resumable: counted problems are not sampled again), keep the 0/k problems and
-    split them 50/50 into train and test with a seeded shuffle [paper]. cfg.val_share of the train
-    half is held out as OUT_val.jsonl, to pick the promoted student (PS) without touching test.
-    split=False (the held-out transfer set): every 0/k problem goes to OUT_test.jsonl.
-    With cfg.shards > 1, this job samples every shards-th problem (one job per GPU); the split is
-    written by whichever call finds every problem counted."""
+    """k samples per problem, success counts in OUT_counts*.jsonl (counted problems are not sampled
+    again); the 0/k problems split 50/50 into train and test [paper], cfg.val_share of train held out
+    as OUT_val.jsonl (to pick PS). split=False: all are test (the transfer set). With cfg.shards > 1
+    this job samples every shards-th problem; whichever call finds every problem counted splits."""
     problems = load_problems(data_paths)
     for i, p in enumerate(problems):
         p.setdefault("id", f"row{i}")
