@@ -773,20 +773,29 @@ def greedy_accuracy(policy, tokenizer, problems, max_tokens):
         return sum(successes(policy, tokenizer, problems, 1, 0.0, max_tokens, seed=0)) / max(len(problems), 1)
 
 
-def evaluate(policy, tokenizer, problems, n, ks, cfg, seed=0):
-    """pass@k for each k (n samples per problem at cfg.temperature) and greedy accuracy."""
-    counts = []
+# ----- the `eval` and `train` commands: pass@k; RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
+
+def evaluate(cfg):
+    """pass@k for each k of --eval_k (--eval_n samples per problem at --temperature) and greedy
+    accuracy on --data, as JSON (printed, and written to --output)."""
+    problems, tok = load_problems(cfg.data), load_tokenizer(cfg.model)
+    check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
+    policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+    counts, n = [], cfg.eval_n
     for start in tqdm(range(0, len(problems), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
-        counts += successes(policy, tokenizer, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
-                            seed + start)
+        counts += successes(policy, tok, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
+                            cfg.seed + start)
     result = {"n": n, "problems": len(problems),
               "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
-                            for k in ks if k <= n},
-              "greedy_acc": greedy_accuracy(policy, tokenizer, problems, cfg.eval_max_new_tokens)}
-    return result, counts
+                            for k in map(int, cfg.eval_k.split(",")) if k <= n},
+              "greedy_acc": greedy_accuracy(policy, tok, problems, cfg.eval_max_new_tokens),
+              "model": cfg.model, "data": cfg.data, "seed": cfg.seed, "method": cfg.method, "dataset": cfg.dataset,
+              "note": cfg.note}
+    print(json.dumps(result, indent=2))
+    if cfg.output:
+        write_json_atomic(cfg.output, result)
+    return result
 
-
-# ----- the `train` command: RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
 
 def train(cfg, reward_fn=grader.grade):
     """RL with verifiable rewards; resumes from OUT/checkpoint when it exists."""
@@ -1284,6 +1293,7 @@ def source_rows(src, name):
 def to_schema(name, where, member, row, index):
     """One release row -> (split, {id, problem, answer, source, meta}); errors name the field."""
     field = lambda key: text_field(row, key, where).strip()
+    split, uid = "all", row.get("id", index)
     if name == "math":
         answer = row.get("answer") or grader.extract_answer(field("solution"))
         if not answer:
@@ -1292,20 +1302,19 @@ def to_schema(name, where, member, row, index):
         named = next((s for s in ("train", "test") if s in member_path.parts or s in member_path.stem), None)
         split = row.get("split") or named or "test"
         uid = row.get("unique_id") or row.get("id") or f"{member}#{index}"
+        problem = field("problem")
         meta = {"level": row.get("level"), "subject": row.get("subject") or row.get("type"), "split": split}
-        return split, {"id": str(uid), "problem": field("problem"), "answer": str(answer), "source": name,
-                       "meta": meta}
-    if name == "harp":
+    elif name == "harp":
         uid = "/".join(str(row.get(k, "")) for k in ("year", "contest", "number"))
+        problem, answer = field("problem"), field("answer")
         meta = {k: row.get(k) for k in ("level", "subject", "year", "contest")}
-        return "all", {"id": uid, "problem": field("problem"), "answer": field("answer"), "source": name,
-                       "meta": meta}
-    if isinstance(row.get("final_answer"), list):  # OlympiadBench: ["$\\frac{1}{2}$", ...] -> "\\frac{1}{2}"
-        row["final_answer"] = ", ".join(str(v).strip().strip("$").strip() for v in row["final_answer"])
-    problem = ((row.get("context") or "") + "\n\n" + field("question")).strip()
-    meta = {k: row.get(k) for k in ("subfield", "answer_type", "unit")}
-    return "all", {"id": str(row.get("id", index)), "problem": problem, "answer": field("final_answer"),
-                   "source": name, "meta": meta}
+    else:  # OlympiadBench; its final_answer ["$\\frac{1}{2}$", ...] -> "\\frac{1}{2}"
+        if isinstance(row.get("final_answer"), list):
+            row["final_answer"] = ", ".join(str(v).strip().strip("$").strip() for v in row["final_answer"])
+        problem = ((row.get("context") or "") + "\n\n" + field("question")).strip()
+        answer = field("final_answer")
+        meta = {k: row.get(k) for k in ("subfield", "answer_type", "unit")}
+    return split, {"id": str(uid), "problem": problem, "answer": str(answer), "source": name, "meta": meta}
 
 
 def prepare(name, source=None, out_dir="data"):
@@ -2241,16 +2250,7 @@ def main(argv):
     if command == "train":
         train(cfg)
     elif command == "eval":
-        tok = load_tokenizer(cfg.model)
-        check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
-        policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
-        ks = [int(k) for k in cfg.eval_k.split(",")]
-        result, _ = evaluate(policy, tok, load_problems(cfg.data), cfg.eval_n, ks, cfg, cfg.seed)
-        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed, method=cfg.method, dataset=cfg.dataset,
-                      note=cfg.note)
-        print(json.dumps(result, indent=2))
-        if cfg.output:
-            write_json_atomic(cfg.output, result)
+        evaluate(cfg)
     elif command == "soar":
         import torch.distributed as dist
         if not cfg.resume and committed_step(recover_checkpoint(Path(cfg.out) / "teacher")):
