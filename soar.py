@@ -1478,6 +1478,12 @@ def run_script(argv, launcher=(), env=None):
         raise SystemExit(returncode)
 
 
+def visible_gpu(i):
+    """How CUDA_VISIBLE_DEVICES names the i-th GPU this process was given (i when it is unset)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    return visible[i] if len(visible) > i and visible[i] else str(i)
+
+
 def run_jobs(jobs, cfg):
     """Run independent jobs (argv lists of this script) in parallel: one per GPU at a time, or without
     GPUs cfg.cpu_jobs at a time as child processes of one thread each (1: in this process, in turn)."""
@@ -1488,8 +1494,7 @@ def run_jobs(jobs, cfg):
         for argv in jobs:
             main(argv)
         return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # the GPUs this process was given
-    slots = [{"CUDA_VISIBLE_DEVICES": visible[g] if len(visible) > g and visible[g] else str(g)} for g in range(n_gpu)]
+    slots = [{"CUDA_VISIBLE_DEVICES": visible_gpu(g)} for g in range(n_gpu)]
     free = queue.Queue()
     for slot in slots or [{"OMP_NUM_THREADS": "1"}] * cfg.cpu_jobs:  # small models: processes beat threads
         free.put(slot)
@@ -1911,13 +1916,10 @@ def small_llama(folder, tok, sample, steps, hidden, layers, batch, lr=3e-3, deca
 
 
 def build_tiny_model(folder, seed=0):
-    """The test preset's model: a 2-layer Llama with a character-level tokenizer. Small enough that a
-    test RL run takes seconds on a CPU; real enough that vLLM serves it.
-
-    Random weights alone never write a parseable question, so the teacher and student paths would go
-    untested. A short supervised warm-up (a few seconds) on toy addition teaches it the two formats:
-    teacher prompt -> "Question: What is a+b?\nAnswer: \\boxed{c}", problem -> "\\boxed{c}". It
-    stays wrong often, which is what RL needs."""
+    """The test preset's model: a 2-layer Llama with the character tokenizer, small enough for a test
+    RL run to take seconds on a CPU, real enough for vLLM to serve. A few seconds of supervised
+    warm-up on toy addition teach it both formats (random weights never write a parseable question,
+    and the teacher's path would go untested); it stays wrong often, which is what RL needs."""
     def sample(rng, step):
         a, b = rng.randrange(10), rng.randrange(10)
         q = f"What is {a}+{b}?"
@@ -2219,10 +2221,7 @@ def main(argv):
         raise UserError(f"unknown command {command!r}; python soar.py --help lists the commands")
     if "LOCAL_RANK" in os.environ:  # torchrun: each worker sees only its own GPU, as cuda:0, before
         # CUDA starts; an in-process vLLM engine would otherwise put every worker's engine on GPU 0
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-        local = int(os.environ["LOCAL_RANK"])
-        mine = visible[local] if len(visible) > local and visible[local] else str(local)
-        os.environ["CUDA_VISIBLE_DEVICES"] = mine
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(int(os.environ["LOCAL_RANK"]))
     if command == "report":  # python soar.py report RUN_DIR... [--out FOLDER]
         out = rest[rest.index("--out") + 1] if "--out" in rest else "report"
         runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]
