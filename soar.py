@@ -1664,7 +1664,8 @@ def pyplot():
 def tier_shares(question_files):
     """The lab's world only: per band of tiers (K operands), its share of each outer step's rollouts,
     and the share of rollouts that are lab questions with the right answer. {} for other worlds."""
-    bands = {"K " + "-".join(map(str, sorted({ks[0], ks[-1]}))): ks for ks in (LAB["student_k"], LAB["oracle_k"], LAB["hard_k"])}
+    bands = {"K " + "-".join(map(str, sorted({min(ks), max(ks)}))): ks  # a tuple of K, or a dict K -> weight
+             for ks in (LAB["student_k"], LAB["oracle_k"], LAB["hard_k"])}
     rows = [read_jsonl(f, ()) for f in question_files]
     tiers = [[lab_tier(q["question"]) for q in step] for step in rows]
     if not any(map(any, tiers)):
