@@ -8,15 +8,13 @@ at problems it cannot solve at all (fail@128). Reference implementation of
 Read it top to bottom; it follows the algorithm.
     1. configuration        every value marked [paper] (from the paper) or [ours] (our choice, and why)
     2. data and prompts     jsonl problems, the student prompt, the teacher prompt and its parser
-    3. models and samplers  fp32 master weights for training; vLLM (or HF generate) for sampling,
-                            re-synced with the trainer's weights after every optimizer step
+    3. models and samplers  fp32 master weights; vLLM (or HF generate), synced after every optimizer step
     4. RL core              RLOO / GRPO advantages, the clipped policy-gradient loss, one RL step
     5. evaluation           greedy accuracy and unbiased pass@k; the `train` command
-    6. SOAR                 outer step: Q_R -> teacher datasets -> inner loops -> teacher reward ->
-                            promotion -> teacher update; Intrinsic-T; workers; resume
+    6. SOAR                 Q_R -> teacher datasets -> inner loops -> reward -> promotion -> teacher update
     7. the paper's pipeline prepare, fail@k filter, evaluation protocol, report
     8. small models, bench  the demo and test models; sampling and training throughput
-    9. the command line
+    9. the command line     flags -> Config, each command's options and --help
 
 Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field;
 COMMAND --help lists the options it reads, with their defaults and why ([paper] or [ours]).
@@ -68,7 +66,7 @@ except ImportError:  # progress bars are a nicety, never a requirement
 # 1. Configuration
 # ================================================================================================
 # One flat config for every command, nanoGPT style: defaults below, a preset on top, then
-# `--key value` flags. [paper] = stated in Sundaram et al. 2026; [ours] = our choice.
+# `--key value` flags (make_config, section 9). [paper] = stated in Sundaram et al. 2026; [ours] = our choice.
 
 
 # The methods of the paper's evaluation protocol (Section 4); "Oracle" is the lab's upper bound.
@@ -186,47 +184,6 @@ class UserError(ValueError):
     status 2; any other exception is a bug and keeps its traceback."""
 
 
-def parse_flags(argv):
-    """{field: value} of `--key value` flags, typed like the field's default (a list field takes
-    several values; a bool flag alone means true)."""
-    defaults, flags, i = Config(), {}, 0
-    while i < len(argv):
-        key, j = argv[i][2:].replace("-", "_"), i + 1
-        if not argv[i].startswith("--") or key not in Config.__dataclass_fields__:
-            raise UserError(f"unknown option {argv[i]!r} (--help lists the options)")
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        values, default, i = argv[i + 1:j], getattr(defaults, key), j
-        if isinstance(default, list):
-            flags[key] = flags.get(key, []) + values
-            continue
-        if len(values) != 1 and not (isinstance(default, bool) and not values):
-            raise UserError(f"--{key} takes one value")
-        value = (values or ["true"])[0]
-        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        try:
-            flags[key] = truth[value.lower()] if isinstance(default, bool) else type(default)(value)
-        except (KeyError, ValueError):
-            raise UserError(f"--{key}: expected {type(default).__name__}, got {value!r}") from None
-    return flags
-
-
-def make_config(argv, preset="paper"):
-    """Config = defaults, then a preset, then `--key value` flags. With `--resume RUN` the base is
-    RUN/config.json instead of the preset: a resumed run changes only in the flags given."""
-    flags = parse_flags(argv)
-    if flags.get("resume"):
-        saved = Path(flags["resume"]) / "config.json"
-        if not saved.is_file():
-            raise UserError(f"--resume {flags['resume']}: no config.json there")
-        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in Config.__dataclass_fields__}
-    elif preset in PRESETS:
-        base = PRESETS[preset]
-    else:
-        raise UserError(f"--preset: unknown preset {preset!r}; one of {', '.join(PRESETS)}")
-    return Config(**{**base, **flags})
-
-
 # Where the time goes: exclusive seconds per phase (a nested phase's time is not counted twice).
 TIMES = {}
 _open_phases = []
@@ -309,6 +266,29 @@ def write_json_atomic(path, obj):
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def append_jsonl(path, *rows):
+    """Append rows to a jsonl log, on disk when it returns: a crash can tear only the last line."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_log(path):
+    """The rows of a jsonl log written by append_jsonl, without a line a crash tore."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def keep_rows(path, keep):
+    """Rewrite a jsonl log keeping only the rows `keep` accepts (used when resuming)."""
+    if Path(path).exists():
+        write_jsonl_atomic(path, [row for row in read_log(path) if keep(row)])
+
+
 def load_problems(paths):
     problems = []
     for p in paths:
@@ -332,10 +312,8 @@ TEACHER_PROMPT = ("Write one new math problem for a student to practice, then it
 
 
 def parse_teacher_output(text, max_chars=4000):  # [ours] no real question is longer
-    """(question, answer) from a teacher rollout, or None when it does not follow the format.
-
-    We take the text between the first 'Question:' and the last 'Answer:', and the answer from the
-    boxed expression after 'Answer:'. Strict on purpose: an unparseable rollout gets a fixed penalty
+    """(question, answer): the text between the first 'Question:' and the last 'Answer:', and the
+    boxed answer after it; else None. Strict on purpose: an unparseable rollout gets a fixed penalty
     (Config.parse_penalty) and never reaches the student."""
     if not isinstance(text, str) or len(text) > max_chars:
         return None
@@ -356,6 +334,10 @@ def chat_ids(tokenizer, content):
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False, date_string="26 Jul 2024")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def student_prompts(tokenizer, problems):
+    return [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
 
 
 def check_fits(cfg, tok, paths=(), budgets=("max_new_tokens",), teacher=False):
@@ -461,36 +443,31 @@ class HFEngine:
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos))
         how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
             else dict(do_sample=False)  # top_k=0: no truncation, as in vLLM
-        was_training = model.training
+        was_training, flat = model.training, []
         model.eval()
-        results = []
-        cuda = [model.device] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call (memory)
                 chunk = prompts[start:start + 16]
                 width = max(map(len, chunk))  # left-pad so every prompt ends where generation starts
                 ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
-                                    device=model.device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
                                      num_return_sequences=n, pad_token_id=pad, **how)
                 for row, prompt in enumerate(p for p in chunk for _ in range(n)):
                     resp = out[row, width:].tolist()
                     resp = resp[:next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))]  # to EOS
-                    if row % n == 0:
-                        results.append([])
                     text = tok.decode(resp, skip_special_tokens=True)
-                    results[-1].append(Completion(list(prompt), resp, text, [], temperature or 1.0))  # log-probs below
-        flat = [c for group in results for c in group if c.ids]
-        for i in range(0, len(flat), 16):
-            part = flat[i:i + 16]
+                    flat.append(Completion(list(prompt), resp, text, [], temperature or 1.0))  # log-probs below
+        done = [c for c in flat if c.ids]
+        for i in range(0, len(done), 16):
+            part = done[i:i + 16]
             logprobs, mask = sequence_logprobs(model, [c.prompt_ids + c.ids for c in part],
                                                [len(c.prompt_ids) for c in part], temperature=part[0].temperature)
             for c, lp, m in zip(part, logprobs, mask):
                 c.logprobs = lp[m].tolist()
         model.train(was_training)
-        return results
+        return [flat[i:i + n] for i in range(0, len(flat), n)]
 
 
 def compute_dtype(device):
@@ -514,15 +491,10 @@ def load_tokenizer(path):
 
 
 class Policy:
-    """A trainable model: fp32 master weights, AdamW, and an engine that samples from it.
-
-    Precision: master weights, gradients and Adam states are fp32 (pure-bf16 AdamW rounds away updates
-    below 2^-8 of a weight, at lr ~1e-6 most of them). On GPU the model computes with a bf16 copy of
-    the master weights, refreshed once per optimizer step (autocast would cast every weight in every
-    forward and recompute); each bf16 gradient is added to the fp32 master gradient when complete,
-    then freed. On CPU the model's fp32 weights are the master weights. For 3.21B parameters on GPU:
-    6.4 GB bf16 copy + 12.8 master + 12.8 gradients + 25.7 Adam = 57.8 GB (+ 6.4 for a frozen bf16
-    reference when kl_beta > 0)."""
+    """A trainable model: fp32 master weights, gradients and Adam states, and an engine that samples
+    from it. On GPU the model computes with a bf16 copy of the master weights, refreshed once per
+    optimizer step (autocast would recast every weight in every forward); each bf16 gradient is added
+    to the fp32 master gradient when complete (README, memory plan: why fp32, and the sizes)."""
 
     def __init__(self, path, cfg, engine, lr, device):
         from transformers import AutoModelForCausalLM
@@ -660,14 +632,9 @@ def grpo_advantages(rewards, eps=1e-6):  # [ours] eps: keeps an all-equal group 
 def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2,
                          ref_logprobs=None, kl_beta=0.0, num_tokens=None):
     """Token-level clipped policy-gradient loss (PPO's surrogate), optionally with a k3 KL penalty.
-
     logprobs, old_logprobs, mask, ref_logprobs: [B, T] (mask = 1 on response tokens only);
-    advantages: [B], one per sequence, shared by its tokens.
-
-    Normalization: per token over the batch, i.e. the sum over all response tokens divided by
-    `num_tokens` (default: the mask's sum). With per-sequence means a token in a short answer weighs
-    more than one in a long answer, which biases length (Dr. GRPO, Liu et al. 2025); per token, every
-    token counts the same. Pass num_tokens when a batch is split into micro-batches."""
+    advantages: [B], shared by a sequence's tokens. Normalized per token over the batch: the sum
+    divided by `num_tokens` (default: the mask's sum; README, loss normalization: why)."""
     mask = mask.float()
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
@@ -685,17 +652,14 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
     (log softmax(logits / T): the distribution the sampler drew them from).
 
     Returns logprobs [B, T] (column t: the token at position t+1; 0 outside the responses) and the
-    response mask [B, T]. Sequences are right-padded with token 0 to the longest one, and need no
-    attention mask: under causal attention no token sees the padding after it (and without a mask
-    SDPA keeps its fastest kernel).
+    response mask [B, T]. Sequences are right-padded with token 0 and need no attention mask: under
+    causal attention no token sees the padding after it (and SDPA keeps its fastest kernel).
 
-    The output layer runs on response tokens only (the loss needs nothing else), `chunk` tokens at a
-    time [ours: 1024] under checkpointing: the fp32 logits of a whole micro-batch (tokens x vocab x
-    4 B: 4 GiB for 8192 tokens of a 128k vocabulary, and log-softmax's backward holds two more)
-    would be the largest activation; one chunk's (0.5 GiB) is alive at a time and is recomputed in
-    the backward pass. Its sums are fp32 [ours]: bf16 logits of 16-32 are rounded by up to
-    0.06-0.125, and every token's log-prob with them (README: the measured gap). (A model that
-    post-processes its logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
+    The output layer runs on response tokens only, `chunk` tokens at a time [ours: 1024] under
+    checkpointing: a micro-batch's fp32 logits would be the largest activation (4 GiB for 8192
+    tokens of a 128k vocabulary); one chunk's is alive at a time (README, memory plan). Its sums are
+    fp32 [ours]: bf16 rounds a logit of 16-32 by up to 0.125. (A model that post-processes its
+    logits, e.g. Gemma's soft-capping, needs that step in `chunk_logprobs`.)"""
     from torch.utils.checkpoint import checkpoint
     dev, width = model.device, max(map(len, sequences))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=dev)
@@ -716,11 +680,8 @@ def sequence_logprobs(model, sequences, prompt_lens, chunk=1024, temperature=1.0
 
 
 def policy_update(policy, completions, advantages, cfg):
-    """One optimizer step on a batch of completions with per-sequence advantages.
-
-    Length-bucketed micro-batches (sorted by length, split by token budget) keep padding small;
-    sequences with zero advantage are skipped (their loss and gradient are exactly zero when
-    kl_beta = 0, and on hard problems most groups are all-zero)."""
+    """One optimizer step on a batch of completions with per-sequence advantages, in micro-batches
+    of similar lengths (little padding); sequences with zero advantage are skipped (README)."""
     model = policy.model
     model.train()
     num_tokens = sum(len(c.ids) for c in completions)
@@ -769,8 +730,7 @@ def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
     problems: dicts with "problem" and "answer" (for the inner loop: the teacher's answer)."""
     t0 = time.time()
     with timed("rl_sample"):
-        prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
-        groups = policy.sample(prompts, cfg.group_size, cfg.temperature, cfg.max_new_tokens, seed)
+        groups = policy.sample(student_prompts(tokenizer, problems), cfg.group_size, cfg.temperature, cfg.max_new_tokens, seed)
     t1 = time.time()
     with timed("grade"):
         rewards = torch.tensor([[reward_fn(c.text, p["answer"]) for c in group]
@@ -801,30 +761,41 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def greedy_accuracy(policy, tokenizer, problems, max_tokens, reward_fn=grader.grade):
+def successes(policy, tokenizer, problems, n, temperature, max_tokens, seed):
+    """For each problem, how many of n sampled answers grade right against its "answer"."""
+    groups = policy.sample(student_prompts(tokenizer, problems), n, temperature, max_tokens, seed)
+    return [int(sum(grader.grade(c.text, p["answer"]) for c in g)) for g, p in zip(groups, problems)]
+
+
+def greedy_accuracy(policy, tokenizer, problems, max_tokens):
     """Share of problems solved by greedy decoding (how SOAR measures the student on Q_R)."""
     with timed("eval"):
-        prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
-        groups = policy.sample(prompts, 1, 0.0, max_tokens, seed=0)
-        return sum(reward_fn(g[0].text, p["answer"]) for g, p in zip(groups, problems)) / max(len(problems), 1)
+        return sum(successes(policy, tokenizer, problems, 1, 0.0, max_tokens, seed=0)) / max(len(problems), 1)
 
 
-def evaluate(policy, tokenizer, problems, n, ks, cfg, seed=0):
-    """pass@k for each k (n samples per problem at cfg.temperature) and greedy accuracy."""
-    prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=p["problem"])) for p in problems]
-    counts = []
-    for start in tqdm(range(0, len(prompts), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
-        groups = policy.sample(prompts[start:start + 32], n, cfg.temperature, cfg.max_new_tokens, seed + start)
-        counts += [int(sum(grader.grade(c.text, p["answer"]) for c in g))
-                   for g, p in zip(groups, problems[start:start + 32])]
+# ----- the `eval` and `train` commands: pass@k; RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
+
+def evaluate(cfg):
+    """pass@k for each k of --eval_k (--eval_n samples per problem at --temperature) and greedy
+    accuracy on --data, as JSON (printed, and written to --output)."""
+    problems, tok = load_problems(cfg.data), load_tokenizer(cfg.model)
+    check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
+    policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+    counts, n = [], cfg.eval_n
+    for start in tqdm(range(0, len(problems), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
+        counts += successes(policy, tok, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
+                            cfg.seed + start)
     result = {"n": n, "problems": len(problems),
               "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
-                            for k in ks if k <= n},
-              "greedy_acc": greedy_accuracy(policy, tokenizer, problems, cfg.eval_max_new_tokens)}
-    return result, counts
+                            for k in map(int, cfg.eval_k.split(",")) if k <= n},
+              "greedy_acc": greedy_accuracy(policy, tok, problems, cfg.eval_max_new_tokens),
+              "model": cfg.model, "data": cfg.data, "seed": cfg.seed, "method": cfg.method, "dataset": cfg.dataset,
+              "note": cfg.note}
+    print(json.dumps(result, indent=2))
+    if cfg.output:
+        write_json_atomic(cfg.output, result)
+    return result
 
-
-# ----- the `train` command: RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
 
 def train(cfg, reward_fn=grader.grade):
     """RL with verifiable rewards; resumes from OUT/checkpoint when it exists."""
@@ -862,38 +833,14 @@ def train(cfg, reward_fn=grader.grade):
     return policy
 
 
-def append_jsonl(path, row):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def keep_rows(path, keep):
-    """Rewrite a jsonl log keeping only the rows `keep` accepts (used when resuming)."""
-    path = Path(path)
-    if path.exists():
-        rows = []
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a crash can tear the last line
-                rows.append(json.loads(line))
-        write_jsonl_atomic(path, [r for r in rows if keep(r)])
-
-
 # ================================================================================================
 # 6. SOAR: the meta-RL loop
 # ================================================================================================
-# One outer step t:
-#   1. sample Q_R, |Q_R| hard problems from D_train               (sample_reward_set)
-#   2. the teacher writes g*n (question, answer) pairs -> X_1..X_g  (teacher_datasets)
-#   3. inner loops: for every X_k and repeat, a copy of the baseline student trains on X_k with
-#      RLOO, then is scored greedily on Q_R                          (inner_loop)
-#   4. teacher reward R(X_k) = mean over repeats of acc(trained) - acc(baseline)   (teacher_rewards)
-#   5. promotion when the moving average of the step's reward exceeds tau  (promotion)
-#   6. teacher update: RLOO across the g datasets                    (teacher_advantages)
-#   7. the step's records, then the teacher checkpoint: the commit point  (log_step)
-# Inner loops are independent jobs spread over workers (torchrun: one per GPU). Every random choice
-# is a function of (seed, step, k, repeat), so results do not depend on the number of workers.
+# One outer step t (soar() below numbers its parts; the README lists them: one outer step, in the code):
+# Q_R -> teacher datasets X_1..X_g -> inner loops -> teacher reward R(X_k) -> promotion -> teacher
+# update -> the step's records and the commit. Inner loops are independent jobs spread over workers
+# (torchrun: one per GPU). Every random choice is a function of (seed, step, k, repeat), so results
+# do not depend on the number of workers.
 
 def world():
     import torch.distributed as dist
@@ -961,14 +908,10 @@ def learnability_rewards(student, tokenizer, dataset, cfg, step, k):
     student's success rate over m samples judged against the teacher's own answer."""
     if not dataset:
         return {}
-    prompts = [chat_ids(tokenizer, STUDENT_PROMPT.format(problem=q["problem"])) for q in dataset]
-    groups = student.sample(prompts, cfg.learnability_samples, cfg.temperature, cfg.max_new_tokens,
-                            seed_of(cfg.seed, step, k, "learnability"))
-    rewards = {}
-    for q, group in zip(dataset, groups):
-        p = sum(grader.grade(c.text, q["answer"]) for c in group) / len(group)
-        rewards[q["rollout"]] = p * (1 - p)
-    return rewards
+    m = cfg.learnability_samples
+    counts = successes(student, tokenizer, dataset, m, cfg.temperature, cfg.max_new_tokens,
+                       seed_of(cfg.seed, step, k, "learnability"))
+    return {q["rollout"]: c / m * (1 - c / m) for q, c in zip(dataset, counts)}
 
 
 def teacher_rewards(results, base_acc, cfg):
@@ -1226,9 +1169,8 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
                      **({} if q else {"text": c.text})})
     write_jsonl_atomic(run / "questions" / f"step_{step:04d}.jsonl", rows)
     if best is not None:  # the best dataset joins the promotion questions (the paper's D_best)
-        for q in datasets[best["k"]]:
-            append_jsonl(run / "promotion_questions.jsonl",
-                         {"step": step, "problem": q["problem"], "answer": q["answer"], "source": "teacher"})
+        append_jsonl(run / "promotion_questions.jsonl", *[{"step": step, "problem": q["problem"], "answer": q["answer"],
+                                                          "source": "teacher"} for q in datasets[best["k"]]])
     parsed = sum(map(len, datasets))
     append_jsonl(run / "metrics.jsonl", {
         "step": step, "teacher_reward": step_reward, "moving_avg": average, "rewards": dataset_rewards,
@@ -1351,6 +1293,7 @@ def source_rows(src, name):
 def to_schema(name, where, member, row, index):
     """One release row -> (split, {id, problem, answer, source, meta}); errors name the field."""
     field = lambda key: text_field(row, key, where).strip()
+    split, uid = "all", row.get("id", index)
     if name == "math":
         answer = row.get("answer") or grader.extract_answer(field("solution"))
         if not answer:
@@ -1359,20 +1302,19 @@ def to_schema(name, where, member, row, index):
         named = next((s for s in ("train", "test") if s in member_path.parts or s in member_path.stem), None)
         split = row.get("split") or named or "test"
         uid = row.get("unique_id") or row.get("id") or f"{member}#{index}"
+        problem = field("problem")
         meta = {"level": row.get("level"), "subject": row.get("subject") or row.get("type"), "split": split}
-        return split, {"id": str(uid), "problem": field("problem"), "answer": str(answer), "source": name,
-                       "meta": meta}
-    if name == "harp":
+    elif name == "harp":
         uid = "/".join(str(row.get(k, "")) for k in ("year", "contest", "number"))
+        problem, answer = field("problem"), field("answer")
         meta = {k: row.get(k) for k in ("level", "subject", "year", "contest")}
-        return "all", {"id": uid, "problem": field("problem"), "answer": field("answer"), "source": name,
-                       "meta": meta}
-    if isinstance(row.get("final_answer"), list):  # OlympiadBench: ["$\\frac{1}{2}$", ...] -> "\\frac{1}{2}"
-        row["final_answer"] = ", ".join(str(v).strip().strip("$").strip() for v in row["final_answer"])
-    problem = ((row.get("context") or "") + "\n\n" + field("question")).strip()
-    meta = {k: row.get(k) for k in ("subfield", "answer_type", "unit")}
-    return "all", {"id": str(row.get("id", index)), "problem": problem, "answer": field("final_answer"),
-                   "source": name, "meta": meta}
+    else:  # OlympiadBench; its final_answer ["$\\frac{1}{2}$", ...] -> "\\frac{1}{2}"
+        if isinstance(row.get("final_answer"), list):
+            row["final_answer"] = ", ".join(str(v).strip().strip("$").strip() for v in row["final_answer"])
+        problem = ((row.get("context") or "") + "\n\n" + field("question")).strip()
+        answer = field("final_answer")
+        meta = {k: row.get(k) for k in ("subfield", "answer_type", "unit")}
+    return split, {"id": str(uid), "problem": problem, "answer": str(answer), "source": name, "meta": meta}
 
 
 def prepare(name, source=None, out_dir="data"):
@@ -1443,43 +1385,31 @@ def upper_bound(train, test):
 
 
 def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
-    """Sample k solutions per problem (student prompt, cfg.temperature), record success counts in
-    OUT_counts*.jsonl (resumable: counted problems are not sampled again), keep the 0/k problems and
-    split them 50/50 into train and test with a seeded shuffle [paper]. cfg.val_share of the train
-    half is held out as OUT_val.jsonl, to pick the promoted student (PS) without touching test.
-    split=False (the held-out transfer set): every 0/k problem goes to OUT_test.jsonl.
-    With cfg.shards > 1, this job samples every shards-th problem (one job per GPU); the split is
-    written by whichever call finds every problem counted."""
+    """k samples per problem, success counts in OUT_counts*.jsonl (counted problems are not sampled
+    again); the 0/k problems split 50/50 into train and test [paper], cfg.val_share of train held out
+    as OUT_val.jsonl (to pick PS). split=False: all are test (the transfer set). With cfg.shards > 1
+    this job samples every shards-th problem; whichever call finds every problem counted splits."""
     problems = load_problems(data_paths)
     for i, p in enumerate(problems):
         p.setdefault("id", f"row{i}")
     problems, duplicates = unique_problems(problems)  # before the split: a problem lands on one side only
     out_prefix = Path(out_prefix)
-    done = {}
-    for counts in out_prefix.parent.glob(f"{out_prefix.name}_counts*.jsonl"):  # every shard's counts
-        for line in counts.read_text().splitlines():  # a crash can tear the last line: resampled
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                done[row["id"]] = row["successes"]
+    done = {row["id"]: row["successes"]  # every shard's counts; a line a crash tore is sampled again
+            for counts in out_prefix.parent.glob(f"{out_prefix.name}_counts*.jsonl") for row in read_log(counts)}
     counts_path = Path(f"{out_prefix}_counts{cfg.shard if cfg.shards > 1 else ''}.jsonl")
     todo = [p for i, p in enumerate(problems) if p["id"] not in done and i % cfg.shards == cfg.shard]
     if todo:
+        counts_path.parent.mkdir(parents=True, exist_ok=True)
         tok = load_tokenizer(cfg.model)
         check_fits(cfg, tok, data_paths)
         policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
     chunk = 64  # [ours] problems per engine call; also the resume granularity
     for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
         batch = todo[start:start + chunk]
-        prompts = [chat_ids(tok, STUDENT_PROMPT.format(problem=p["problem"])) for p in batch]
         seed = seed_of(cfg.seed, "filter", batch[0]["id"])  # a function of the problems, not of the shard
-        groups = policy.sample(prompts, k, cfg.temperature, cfg.max_new_tokens, seed)
-        counts_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(counts_path, "a", encoding="utf-8") as f:
-            for p, group in zip(batch, groups):
-                done[p["id"]] = int(sum(grader.grade(c.text, p["answer"]) for c in group))
-                f.write(json.dumps({"id": p["id"], "successes": done[p["id"]], "k": k}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        counts = successes(policy, tok, batch, k, cfg.temperature, cfg.max_new_tokens, seed)
+        done.update((p["id"], c) for p, c in zip(batch, counts))
+        append_jsonl(counts_path, *[{"id": p["id"], "successes": c, "k": k} for p, c in zip(batch, counts)])
     if any(p["id"] not in done for p in problems):
         return None  # other shards are still counting
     hard = [p for p in problems if done[p["id"]] == 0]
@@ -1548,6 +1478,12 @@ def run_script(argv, launcher=(), env=None):
         raise SystemExit(returncode)
 
 
+def visible_gpu(i):
+    """How CUDA_VISIBLE_DEVICES names the i-th GPU this process was given (i when it is unset)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    return visible[i] if len(visible) > i and visible[i] else str(i)
+
+
 def run_jobs(jobs, cfg):
     """Run independent jobs (argv lists of this script) in parallel: one per GPU at a time, or without
     GPUs cfg.cpu_jobs at a time as child processes of one thread each (1: in this process, in turn)."""
@@ -1558,8 +1494,7 @@ def run_jobs(jobs, cfg):
         for argv in jobs:
             main(argv)
         return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # the GPUs this process was given
-    slots = [{"CUDA_VISIBLE_DEVICES": visible[g] if len(visible) > g and visible[g] else str(g)} for g in range(n_gpu)]
+    slots = [{"CUDA_VISIBLE_DEVICES": visible_gpu(g)} for g in range(n_gpu)]
     free = queue.Queue()
     for slot in slots or [{"OMP_NUM_THREADS": "1"}] * cfg.cpu_jobs:  # small models: processes beat threads
         free.put(slot)
@@ -1729,7 +1664,8 @@ def pyplot():
 def tier_shares(question_files):
     """The lab's world only: per band of tiers (K operands), its share of each outer step's rollouts,
     and the share of rollouts that are lab questions with the right answer. {} for other worlds."""
-    bands = {"K " + "-".join(map(str, sorted({ks[0], ks[-1]}))): ks for ks in (LAB["student_k"], LAB["oracle_k"], LAB["hard_k"])}
+    bands = {"K " + "-".join(map(str, sorted({min(ks), max(ks)}))): ks  # a tuple of K, or a dict K -> weight
+             for ks in (LAB["student_k"], LAB["oracle_k"], LAB["hard_k"])}
     rows = [read_jsonl(f, ()) for f in question_files]
     tiers = [[lab_tier(q["question"]) for q in step] for step in rows]
     if not any(map(any, tiers)):
@@ -1981,13 +1917,10 @@ def small_llama(folder, tok, sample, steps, hidden, layers, batch, lr=3e-3, deca
 
 
 def build_tiny_model(folder, seed=0):
-    """The test preset's model: a 2-layer Llama with a character-level tokenizer. Small enough that a
-    test RL run takes seconds on a CPU; real enough that vLLM serves it.
-
-    Random weights alone never write a parseable question, so the teacher and student paths would go
-    untested. A short supervised warm-up (a few seconds) on toy addition teaches it the two formats:
-    teacher prompt -> "Question: What is a+b?\nAnswer: \\boxed{c}", problem -> "\\boxed{c}". It
-    stays wrong often, which is what RL needs."""
+    """The test preset's model: a 2-layer Llama with the character tokenizer, small enough for a test
+    RL run to take seconds on a CPU, real enough for vLLM to serve. A few seconds of supervised
+    warm-up on toy addition teach it both formats (random weights never write a parseable question,
+    and the teacher's path would go untested); it stays wrong often, which is what RL needs."""
     def sample(rng, step):
         a, b = rng.randrange(10), rng.randrange(10)
         q = f"What is {a}+{b}?"
@@ -2188,6 +2121,47 @@ def project_run(m, gpus=8):
 # 9. Command line
 # ================================================================================================
 
+def parse_flags(argv):
+    """{field: value} of `--key value` flags, typed like the field's default (a list field takes
+    several values; a bool flag alone means true)."""
+    defaults, flags, i = Config(), {}, 0
+    while i < len(argv):
+        key, j = argv[i][2:].replace("-", "_"), i + 1
+        if not argv[i].startswith("--") or key not in Config.__dataclass_fields__:
+            raise UserError(f"unknown option {argv[i]!r} (--help lists the options)")
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        values, default, i = argv[i + 1:j], getattr(defaults, key), j
+        if isinstance(default, list):
+            flags[key] = flags.get(key, []) + values
+            continue
+        if len(values) != 1 and not (isinstance(default, bool) and not values):
+            raise UserError(f"--{key} takes one value")
+        value = (values or ["true"])[0]
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        try:
+            flags[key] = truth[value.lower()] if isinstance(default, bool) else type(default)(value)
+        except (KeyError, ValueError):
+            raise UserError(f"--{key}: expected {type(default).__name__}, got {value!r}") from None
+    return flags
+
+
+def make_config(argv, preset="paper"):
+    """Config = defaults, then a preset, then `--key value` flags. With `--resume RUN` the base is
+    RUN/config.json instead of the preset: a resumed run changes only in the flags given."""
+    flags = parse_flags(argv)
+    if flags.get("resume"):
+        saved = Path(flags["resume"]) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {flags['resume']}: no config.json there")
+        base = {k: v for k, v in json.loads(saved.read_text()).items() if k in Config.__dataclass_fields__}
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise UserError(f"--preset: unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+    return Config(**{**base, **flags})
+
+
 # The options each command reads; `python soar.py COMMAND --help` lists them with their defaults and
 # the comments of Config, the one place where every value's source and reason are written.
 MODEL = "model sampler gpu_memory_utilization max_model_len seed"
@@ -2248,10 +2222,7 @@ def main(argv):
         raise UserError(f"unknown command {command!r}; python soar.py --help lists the commands")
     if "LOCAL_RANK" in os.environ:  # torchrun: each worker sees only its own GPU, as cuda:0, before
         # CUDA starts; an in-process vLLM engine would otherwise put every worker's engine on GPU 0
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-        local = int(os.environ["LOCAL_RANK"])
-        mine = visible[local] if len(visible) > local and visible[local] else str(local)
-        os.environ["CUDA_VISIBLE_DEVICES"] = mine
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(int(os.environ["LOCAL_RANK"]))
     if command == "report":  # python soar.py report RUN_DIR... [--out FOLDER]
         out = rest[rest.index("--out") + 1] if "--out" in rest else "report"
         runs = [a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")]
@@ -2279,16 +2250,7 @@ def main(argv):
     if command == "train":
         train(cfg)
     elif command == "eval":
-        tok = load_tokenizer(cfg.model)
-        check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
-        policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
-        ks = [int(k) for k in cfg.eval_k.split(",")]
-        result, _ = evaluate(policy, tok, load_problems(cfg.data), cfg.eval_n, ks, cfg, cfg.seed)
-        result.update(model=cfg.model, data=cfg.data, seed=cfg.seed, method=cfg.method, dataset=cfg.dataset,
-                      note=cfg.note)
-        print(json.dumps(result, indent=2))
-        if cfg.output:
-            write_json_atomic(cfg.output, result)
+        evaluate(cfg)
     elif command == "soar":
         import torch.distributed as dist
         if not cfg.resume and committed_step(recover_checkpoint(Path(cfg.out) / "teacher")):
