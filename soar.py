@@ -161,13 +161,15 @@ PRESETS = {
                  inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
                  max_model_len=768, micro_batch_tokens=4096, window=2, tau=-0.001),
-    # The lab (section 8): the paper's comparison on a laptop CPU, `python soar.py lab`. Sizes: one
-    # SOAR seed in ~5 minutes on 2 cores; the student's lr is a small model's (1e-6 would not move it).
+    # The lab (section 8): the paper's comparison on a laptop CPU, `python soar.py lab`. Sizes [ours]:
+    # one SOAR seed in ~5 minutes on one core, 2 jobs at a time. lr 3e-4: a 0.8M model's (at 1e-4 the
+    # inner loop never moved Q_R in 12 outer steps; at 1e-3 the student collapsed; README, the lab).
     "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
                 sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=32, inner_steps=10,
-                inner_batch=8, group_size=8, lr=1e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
+                inner_batch=8, group_size=8, lr=3e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
                 eval_max_new_tokens=16, max_model_len=256, micro_batch_tokens=4096, filter_k=32, seeds=3,
-                soar_seeds=3, steps=40, save_every=40, curve_every=5, intrinsic_questions=128),
+                soar_seeds=3, steps=40, save_every=40, curve_every=5, intrinsic_questions=128, eval_n=16,
+                eval_k="1,2,4,8,16", cpu_jobs=2),
     # A tiny model for the tests and the pre-flight check: `main` builds it (build_tiny_model) when
     # --model is not given. Its character tokenizer makes prompts long: the teacher's is 275 tokens.
     "test": dict(model="", data=["data/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1,
@@ -1540,7 +1542,7 @@ def pipeline(cfg, preset):
     check_fits(cfg, load_tokenizer(cfg.model), [f for name in names for f in files[name]],  # before any GPU time
                ["max_new_tokens", "eval_max_new_tokens"], teacher=True)
     # 2. fail@k of the base model, one shard per GPU: data/<name> -> filter/<name>_{counts,train,val,test}
-    shards = max(n_gpu, 1)
+    shards = n_gpu or cfg.cpu_jobs
     run([(Path(fil(name, "test")).exists(), ["filter", *base, "--dataset", name, "--data", *files[name],
                                              "--shard", str(i), "--shards", str(shards)])
          for name in names for i in range(shards)])
@@ -1549,22 +1551,19 @@ def pipeline(cfg, preset):
             fail_at_k(dataclasses.replace(cfg, shards=1, shard=0), files[name], cfg.filter_k, root / "filter" / name,
                       split=name != cfg.transfer)
     # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
-    #    (soar_seeds runs each; the protocol's seed t uses run t % soar_seeds)
+    #    (soar_seeds runs each; the protocol's seed t uses run t % soar_seeds); without GPUs, as the jobs
     run_dir = lambda kind, name, s: root / (f"{kind}_{name}" + (f"_seed{s}" if cfg.soar_seeds > 1 else ""))
-    for name in cfg.datasets:
-        for s in range(cfg.soar_seeds):
-            for kind, reward in (("soar", "grounded"), ("intrinsic", "learnability")):
-                out = run_dir(kind, name, s)
-                if committed_step(out / "teacher") >= cfg.outer_steps or \
-                        not wanted(*(["SOAR-PS", "SOAR-PQ"] if kind == "soar" else ["Intrinsic-T"])):
-                    continue
-                argv = ["soar", *base, "--data", fil(name, "train"), "--out", str(out), "--teacher_reward", reward,
-                        "--seed", str(cfg.seed + s)]
-                if n_gpu:  # a process of its own, so its vLLM engines and GPU memory end with it
-                    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else []
-                    run_script(argv, launcher)
-                else:
-                    main(argv)
+    runs = [["soar", *base, "--data", fil(name, "train"), "--out", str(run_dir(kind, name, s)),
+             "--teacher_reward", reward, "--seed", str(cfg.seed + s)]
+            for name in cfg.datasets for s in range(cfg.soar_seeds)
+            for kind, reward, methods in (("soar", "grounded", ["SOAR-PS", "SOAR-PQ"]),
+                                          ("intrinsic", "learnability", ["Intrinsic-T"]))
+            if committed_step(run_dir(kind, name, s) / "teacher") < cfg.outer_steps and wanted(*methods)]
+    if n_gpu:  # each a process of its own, so its vLLM engines and GPU memory end with it
+        for argv in runs:
+            run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
+    else:
+        run_jobs(runs, cfg)
     # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
     soar_runs = [(name, s) for name in cfg.datasets for s in range(cfg.soar_seeds)]
     run([((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
