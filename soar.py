@@ -1941,7 +1941,7 @@ def build_tiny_model(folder, seed=0):
 # built for: a model that can write stepping stones toward problems it cannot solve (the paper's
 # premise). Nothing tells the teacher the tiers; D_train and D_test come from `filter` (fail@32)
 # on the hard tiers; the oracle curriculum is RL on the tiers between, with correct answers.
-LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7, 8), oracle_k=(6, 7),  # [ours]
+LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7, 8), oracle_k=(6,),  # [ours]
            hard_problems=300, oracle_problems=400, warmup_steps=800)
 
 
