@@ -10,13 +10,13 @@ Read it top to bottom; it follows the algorithm.
     2. data and prompts     jsonl problems, the student prompt, the teacher prompt and its parser
     3. models and samplers  fp32 master weights; vLLM (or HF generate), synced after every optimizer step
     4. RL core              RLOO / GRPO advantages, the clipped policy-gradient loss, one RL step
-    5. evaluation           greedy accuracy and unbiased pass@k; the `train` command
+    5. evaluation           greedy accuracy and unbiased pass@k
     6. SOAR                 Q_R -> teacher datasets -> inner loops -> reward -> promotion -> teacher update
-    7. the paper's pipeline prepare, fail@k filter, evaluation protocol, report
-    8. small models, bench  the demo and test models; sampling and training throughput
+    7. the paper's pipeline the train and eval commands, prepare, fail@k, the protocol, the report
+    8. small models, bench  the demo, test and lab models, the lab's world; the trainer's speed
     9. the command line     flags -> Config, each command's options and --help
 
-Commands: python soar.py COMMAND [--preset paper|demo|test] [--FIELD VALUE ...], FIELD any Config field;
+Commands: python soar.py COMMAND [--preset paper|lab|demo|test] [--FIELD VALUE ...], FIELD any Config field;
 COMMAND --help lists the options it reads, with their defaults and why ([paper] or [ours]).
     train      RL with verifiable rewards on jsonl problems (Hard-Only; the protocol's trainings)
     eval       pass@k (--n N --k 1,2,4,...) and greedy accuracy on jsonl problems, as JSON
@@ -775,66 +775,6 @@ def greedy_accuracy(policy, tokenizer, problems, max_tokens):
         return sum(successes(policy, tokenizer, problems, 1, 0.0, max_tokens, seed=0)) / max(len(problems), 1)
 
 
-# ----- the `eval` and `train` commands: pass@k; RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
-
-def evaluate(cfg):
-    """pass@k for each k of --eval_k (--eval_n samples per problem at --temperature) and greedy
-    accuracy on --data, as JSON (printed, and written to --output)."""
-    problems, tok = load_problems(cfg.data), load_tokenizer(cfg.model)
-    check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
-    policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
-    counts, n = [], cfg.eval_n
-    for start in tqdm(range(0, len(problems), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
-        counts += successes(policy, tok, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
-                            cfg.seed + start)
-    result = {"n": n, "problems": len(problems),
-              "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
-                            for k in map(int, cfg.eval_k.split(",")) if k <= n},
-              "greedy_acc": greedy_accuracy(policy, tok, problems, cfg.eval_max_new_tokens),
-              "model": cfg.model, "data": cfg.data, "seed": cfg.seed, "method": cfg.method, "dataset": cfg.dataset,
-              "note": cfg.note}
-    print(json.dumps(result, indent=2))
-    if cfg.output:
-        write_json_atomic(cfg.output, result)
-    return result
-
-
-def train(cfg, reward_fn=grader.grade):
-    """RL with verifiable rewards; resumes from OUT/checkpoint when it exists."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    problems = load_problems(cfg.data)
-    ckpt = recover_checkpoint(out / "checkpoint")
-    step = committed_step(ckpt)
-    if step >= cfg.steps:
-        print(f"{out}: finished ({step} of {cfg.steps} steps). To continue it: the same command with --steps N "
-              f"(N > {step}); to start another: --out NEW_FOLDER")
-        return
-    start_path = ckpt if step else cfg.model
-    tok = load_tokenizer(start_path)
-    check_fits(cfg, tok, cfg.data)
-    policy = Policy(start_path, cfg, make_engine(cfg, start_path, tok), cfg.lr, device_for(0))
-    if step and (ckpt / "trainer_state.pt").exists():
-        load_trainer_state(ckpt, policy)
-        print(f"resuming from {ckpt} at step {step}")
-    elif step:  # a finished run, extended with more --steps: its final bf16 weights, a fresh optimizer
-        print(f"continuing the finished run {ckpt} at step {step} with a fresh optimizer")
-    write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
-    metrics = out / "metrics.jsonl"
-    keep_rows(metrics, lambda row: row["step"] < step)  # drop rows of steps the checkpoint does not hold
-    curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []
-    for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
-        rng = random.Random(f"{cfg.seed}-train-{step}")  # a function of the step: resume-safe
-        batch = rng.sample(problems, min(cfg.batch_size, len(problems)))
-        row = {"step": step, **rl_step(policy, tok, batch, cfg, seed_of(cfg.seed, "train", step), reward_fn)}
-        if curve and (step + 1) % cfg.curve_every == 0:  # a learning curve on held-out problems
-            row["curve_acc"] = greedy_accuracy(policy, tok, curve, cfg.eval_max_new_tokens)
-        append_jsonl(metrics, row)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt, policy, tok, {"step": step + 1}, final=step + 1 == cfg.steps)
-    return policy
-
-
 # ================================================================================================
 # 6. SOAR: the meta-RL loop
 # ================================================================================================
@@ -1185,8 +1125,68 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
 
 
 # ================================================================================================
-# 7. The paper's pipeline: prepare, fail@k filter, evaluation protocol, report
+# 7. The paper's pipeline: the train and eval commands, prepare, fail@k, the protocol, the report
 # ================================================================================================
+
+# ----- the `eval` and `train` commands: pass@k; RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
+
+def evaluate(cfg):
+    """pass@k for each k of --eval_k (--eval_n samples per problem at --temperature) and greedy
+    accuracy on --data, as JSON (printed, and written to --output)."""
+    problems, tok = load_problems(cfg.data), load_tokenizer(cfg.model)
+    check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
+    policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+    counts, n = [], cfg.eval_n
+    for start in tqdm(range(0, len(problems), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
+        counts += successes(policy, tok, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
+                            cfg.seed + start)
+    result = {"n": n, "problems": len(problems),
+              "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
+                            for k in map(int, cfg.eval_k.split(",")) if k <= n},
+              "greedy_acc": greedy_accuracy(policy, tok, problems, cfg.eval_max_new_tokens),
+              "model": cfg.model, "data": cfg.data, "seed": cfg.seed, "method": cfg.method, "dataset": cfg.dataset,
+              "note": cfg.note}
+    print(json.dumps(result, indent=2))
+    if cfg.output:
+        write_json_atomic(cfg.output, result)
+    return result
+
+
+def train(cfg, reward_fn=grader.grade):
+    """RL with verifiable rewards; resumes from OUT/checkpoint when it exists."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = load_problems(cfg.data)
+    ckpt = recover_checkpoint(out / "checkpoint")
+    step = committed_step(ckpt)
+    if step >= cfg.steps:
+        print(f"{out}: finished ({step} of {cfg.steps} steps). To continue it: the same command with --steps N "
+              f"(N > {step}); to start another: --out NEW_FOLDER")
+        return
+    start_path = ckpt if step else cfg.model
+    tok = load_tokenizer(start_path)
+    check_fits(cfg, tok, cfg.data)
+    policy = Policy(start_path, cfg, make_engine(cfg, start_path, tok), cfg.lr, device_for(0))
+    if step and (ckpt / "trainer_state.pt").exists():
+        load_trainer_state(ckpt, policy)
+        print(f"resuming from {ckpt} at step {step}")
+    elif step:  # a finished run, extended with more --steps: its final bf16 weights, a fresh optimizer
+        print(f"continuing the finished run {ckpt} at step {step} with a fresh optimizer")
+    write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
+    metrics = out / "metrics.jsonl"
+    keep_rows(metrics, lambda row: row["step"] < step)  # drop rows of steps the checkpoint does not hold
+    curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []
+    for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
+        rng = random.Random(f"{cfg.seed}-train-{step}")  # a function of the step: resume-safe
+        batch = rng.sample(problems, min(cfg.batch_size, len(problems)))
+        row = {"step": step, **rl_step(policy, tok, batch, cfg, seed_of(cfg.seed, "train", step), reward_fn)}
+        if curve and (step + 1) % cfg.curve_every == 0:  # a learning curve on held-out problems
+            row["curve_acc"] = greedy_accuracy(policy, tok, curve, cfg.eval_max_new_tokens)
+        append_jsonl(metrics, row)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(ckpt, policy, tok, {"step": step + 1}, final=step + 1 == cfg.steps)
+    return policy
+
 
 # ----- prepare: public releases -> data/<name>.jsonl rows {id, problem, answer, source, meta} -----
 
@@ -1933,14 +1933,15 @@ def build_tiny_model(folder, seed=0):
 
 # ----- the lab: a world small enough to watch SOAR work on a laptop CPU (`python soar.py lab`) -----
 # The problems are sums of K single digits, "What is 3+5+2?" -> 10; the difficulty knob is K. The
-# lab model is a 0.8M-parameter Llama warmed up from scratch the way a pretrained LM is made: mostly
-# on *text* of problems with their answers, "Question: What is ...?\nAnswer: \boxed{...}" (the
-# teacher's format), K up to 8, and instruction-tuned as a solver (the student's format) only on
-# K up to 3. So, as a writer of problems, it has seen long sums (its answers to them are often
-# wrong); as a student it solves none of 6 or more digits (fail@32). That is the situation SOAR is
-# built for: a model that can write stepping stones toward problems it cannot solve (the paper's
-# premise). Nothing tells the teacher the tiers; D_train and D_test come from `filter` (fail@32)
-# on the hard tiers; the oracle curriculum is RL on the tiers between, with correct answers.
+# lab model is a 0.8M-parameter Llama warmed up from scratch the way a pretrained LM is made: on
+# *text* of problems with their answers, "Question: What is ...?\nAnswer: \boxed{...}" (the
+# teacher's format), K up to 8, and instruction-tuned as a solver (the student's format) only up to
+# K = 5 (K = 5 rarely). Measured (README, the lab): as a student it solves K <= 5 (greedy 94-100%),
+# K = 6 in 0.8% of samples and K = 7, 8 essentially never (fail@32); as a writer it spreads its
+# questions over K = 1..8 and its answers are right about 3 times in 4 at K = 5, 6 and 1 in 2 at
+# K = 7, 8. A model that can write stepping stones toward problems it cannot solve: the paper's
+# premise. Nothing tells the teacher the tiers; D_train and D_test come from `filter` (fail@32) on
+# the hard tiers; the oracle curriculum is RL on the tier between (K = 6), with correct answers.
 LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7, 8), oracle_k=(6,),  # [ours]
            hard_problems=300, oracle_problems=400, warmup_steps=800)
 
