@@ -848,7 +848,7 @@ def test_help_lists_each_commands_options_with_defaults_and_the_config_comments(
     assert "(16 GB of 80: weights + KV); the trainer needs the rest (README, memory plan)" in text
     soar.main(["soar", "--preset", "demo", "--help"])
     text = capsys.readouterr().out
-    assert "--tau -0.001 (demo)" in text and "[paper] promotion threshold on the moving average reward" in text
+    assert "--window 2 (demo)" in text and "[paper] promotion threshold on the moving average reward" in text
     comments = soar.config_comments()
     assert set(comments) == set(soar.Config.__dataclass_fields__) and all(comments.values())
     assert all(name in comments for names in soar.OPTIONS.values() for name in names.split())
