@@ -1620,6 +1620,7 @@ def pipeline(cfg, preset):
     run(evals)
     # 6. the report
     print(render_report([root], root / "report"))
+    print(f"the report, its plots and results.json: {root / 'report'}")
 
 
 # ----- the report: pass@k tables beside the paper's claims, teacher curves, question diversity -----
