@@ -1972,7 +1972,7 @@ def lab_world(folder, seed=0):
 
 
 def build_lab_model(folder, seed=0):
-    """The lab model (once, ~2 minutes on 2 cores; cached in folder, with the LAB recipe it was built
+    """The lab model (once, ~4 minutes on 2 cores; cached in folder, with the LAB recipe it was built
     from: a changed recipe rebuilds it). Its tokenizer is the character tokenizer with the two fixed
     instructions and the chat markers as single tokens (the model never needs to spell them out:
     prompts shrink from 100-275 tokens to 3-20). Batches alternate between the formats (mixing
@@ -1987,7 +1987,7 @@ def build_lab_model(folder, seed=0):
         shutil.rmtree(folder, ignore_errors=True)
         tok = char_tokenizer()
         tok.add_tokens([STUDENT_PROMPT.format(problem=""), TEACHER_PROMPT, "user: ", "\nassistant: "])
-        print(f"building the lab model in {folder} (once, about 2 minutes)")
+        print(f"building the lab model in {folder} (once, about 4 minutes on 2 cores)")
         small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True, seed=seed)
         write_atomic(folder / "lab.json", recipe)
     return folder
