@@ -2111,7 +2111,8 @@ def project_run(m, gpus=8):
               "intrinsic_t": len(p.datasets) * p.outer_steps * (total - step["inner_loops"] - step["baseline_eval"]
                                                                 + learnability),
               "trainings": len(p.datasets) * p.seeds * sum(map(training, groups)) / gpus,
-              "evaluation": p.seeds * len(METHODS) * (len(p.datasets) + 1) * sample(test * (p.eval_n + 1) * S) / gpus}
+              # every method but the lab's Oracle, on each dataset and on the transfer set
+              "evaluation": p.seeds * (len(METHODS) - 1) * (len(p.datasets) + 1) * sample(test * (p.eval_n + 1) * S) / gpus}
     overhead = step["offload"] + step["checkpoint"]  # rank 0's own, besides the teacher's sampling and update
     return {"outer_step_s": {**step, "total": total}, "rank0_overhead_share": overhead / total,
             "soar_run_h": p.outer_steps * total / 3600,
@@ -2203,7 +2204,7 @@ def command_help(command, preset):
     import re
     summary = dict(re.findall(r"^    (\w+) {2,}(.+)$", __doc__, re.M))
     cfg, comments = make_config([], preset), config_comments()
-    lines = [f"python soar.py {command} [--preset paper|demo|test] [--FIELD VALUE ...]", "", summary[command], "",
+    lines = [f"python soar.py {command} [--preset {'|'.join(PRESETS)}] [--FIELD VALUE ...]", "", summary[command], "",
              f"options and their defaults (--preset {preset}):"]
     for name in OPTIONS[command].split():
         value = getattr(cfg, name)
