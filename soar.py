@@ -1882,10 +1882,11 @@ def char_tokenizer():
     return tok
 
 
-def small_llama(folder, tok, sample, steps, hidden, layers, batch, lr=3e-3, decay=False, seed=0):
+def small_llama(folder, tok, sample, steps, hidden, layers, batch, lr=3e-3, decay=False, seed=0, files=None):
     """A small Llama built from a config (no hub), warmed up by supervised steps on (prompt, reply)
     pairs from sample(rng, step), saved with its tokenizer to folder. head_dim 32: the smallest
-    vLLM's CPU kernels take. decay: warm up the lr over 30 steps, then decay it linearly to 10%."""
+    vLLM's CPU kernels take. decay: warm up the lr over 30 steps, then decay it linearly to 10%.
+    files: {name: text} written beside the weights, in place the moment they are."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=(4 if decay else 2) * hidden,
@@ -1909,6 +1910,8 @@ def small_llama(folder, tok, sample, steps, hidden, layers, batch, lr=3e-3, deca
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # torchrun's workers all build it
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
     try:
         os.replace(tmp, folder)
     except OSError:  # another worker's copy (same seed, same model) is in place already
@@ -1988,8 +1991,8 @@ def build_lab_model(folder, seed=0):
         tok = char_tokenizer()
         tok.add_tokens([STUDENT_PROMPT.format(problem=""), TEACHER_PROMPT, "user: ", "\nassistant: "])
         print(f"building the lab model in {folder} (once, about 4 minutes on 2 cores)")
-        small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True, seed=seed)
-        write_atomic(folder / "lab.json", recipe)
+        small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True, seed=seed,
+                    files={"lab.json": recipe})  # a model without its recipe is never in place
     return folder
 
 
