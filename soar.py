@@ -165,7 +165,7 @@ PRESETS = {
     # one SOAR seed in ~5 minutes on one core, 2 jobs at a time. lr 3e-4: a 0.8M model's (at 1e-4 the
     # inner loop never moved Q_R in 12 outer steps; at 1e-3 the student collapsed; README, the lab).
     "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
-                sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=32, inner_steps=10,
+                sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=64, inner_steps=10,
                 inner_batch=8, group_size=8, lr=3e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
                 eval_max_new_tokens=16, max_model_len=256, micro_batch_tokens=4096, filter_k=32, seeds=3,
                 soar_seeds=3, steps=40, save_every=40, curve_every=5, intrinsic_questions=128, eval_n=16,
@@ -1667,12 +1667,12 @@ def tier_shares(question_files):
     bands = {"K " + "-".join(map(str, sorted({min(ks), max(ks)}))): ks  # a tuple of K, or a dict K -> weight
              for ks in (LAB["student_k"], LAB["oracle_k"], LAB["hard_k"])}
     rows = [read_jsonl(f, ()) for f in question_files]
-    tiers = [[lab_tier(q["question"]) for q in step] for step in rows]
-    if not any(map(any, tiers)):
+    solved = [[lab_solve(q["question"]) or (None, None) for q in step] for step in rows]
+    if not any(k for step in solved for k, _ in step):
         return {}
-    shares = {name: [sum(k in ks for k in step) / len(step) for step in tiers] for name, ks in bands.items()}
-    shares["answer right"] = [sum(k is not None and q["answer"] == str(sum(map(int, q["question"][8:-1].split("+"))))
-                                  for k, q in zip(step, qs)) / len(qs) for step, qs in zip(tiers, rows)]
+    shares = {name: [sum(k in ks for k, _ in step) / len(step) for step in solved] for name, ks in bands.items()}
+    shares["answer right"] = [sum(k is not None and q["answer"] == answer for (k, answer), q in zip(step, qs)) / len(qs)
+                              for step, qs in zip(solved, rows)]
     return shares
 
 
@@ -1946,20 +1946,20 @@ def build_tiny_model(folder, seed=0):
 # K = 7, 8. A model that can write stepping stones toward problems it cannot solve: the paper's
 # premise. Nothing tells the teacher the tiers; D_train and D_test come from `filter` (fail@32) on
 # the hard tiers; the oracle curriculum is RL on the tier between (K = 6), with correct answers.
-LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7, 8), oracle_k=(6,),  # [ours]
-           hard_problems=300, oracle_problems=400, warmup_steps=800)
+LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7,), oracle_k=(6,),  # [ours]
+           hard_problems=300, oracle_problems=400, warmup_steps=800, world="sort")
 
 
 def lab_problem(rng, k):
-    digits = [rng.randrange(10) for _ in range(k)]
-    return {"problem": "What is " + "+".join(map(str, digits)) + "?", "answer": str(sum(digits))}
+    question = "Sort " + "".join(str(rng.randint(1, 9)) for _ in range(k)) + "."  # no 0: answers are plain integers
+    return {"problem": question, "answer": lab_solve(question)[1]}
 
 
-def lab_tier(question):
-    """K of a question written in the lab's form (the report's tier shares), else None."""
+def lab_solve(question):
+    """(K, the right answer) of a question in the lab's form, else None (the report's tier shares)."""
     import re
-    m = re.fullmatch(r"What is (\d(?:\+\d)*)\?", (question or "").strip())
-    return len(m[1].split("+")) if m else None
+    m = re.fullmatch(r"Sort ([1-9]+)\.", (question or "").strip())
+    return (len(m[1]), "".join(sorted(m[1]))) if m else None
 
 
 def lab_world(folder, seed=0):
@@ -1985,7 +1985,7 @@ def build_lab_model(folder, seed=0):
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
         return (TEACHER_PROMPT, f"Question: {p['problem']}\nAnswer: \\boxed{{{p['answer']}}}") if teacher else \
             (STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
-    folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("student_k", "teacher_k", "warmup_steps")} | {"seed": seed})
+    folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("world", "student_k", "teacher_k", "warmup_steps")} | {"seed": seed})
     if not (folder / "lab.json").exists() or (folder / "lab.json").read_text() != recipe:
         shutil.rmtree(folder, ignore_errors=True)
         tok = char_tokenizer()

@@ -1153,12 +1153,15 @@ def test_lab_world_is_exact_and_tiered(tmp_path):
     for name, tiers in (("hard", soar.LAB["hard_k"]), ("oracle", soar.LAB["oracle_k"])):
         rows = read_rows(one[name])
         assert rows == read_rows(two[name])  # generated exactly by code: same seed, same problems
-        assert {soar.lab_tier(r["problem"]) for r in rows} == set(tiers)
-        for r in rows:  # the answers are the sums, and the grader accepts them
-            assert int(r["answer"]) == sum(map(int, r["problem"][len("What is "):-1].split("+")))
+        assert {soar.lab_solve(r["problem"])[0] for r in rows} == set(tiers)
+        for r in rows:  # the answers are the digits in order, and the grader accepts them
+            digits = r["problem"][len("Sort "):-1]
+            assert r["answer"] == "".join(sorted(digits)) and len(r["answer"]) == len(digits)
             assert soar.grader.grade(f"\\boxed{{{r['answer']}}}", r["answer"]) == 1.0
-    assert soar.lab_tier("What is 3+4?") == 2 and soar.lab_tier("What is 34+5?") is None
-    assert soar.lab_tier("How many pens?") is None and soar.lab_tier(None) is None
+            assert soar.grader.grade(f"\\boxed{{{digits}}}", r["answer"]) == float(digits == r["answer"])
+    assert soar.lab_solve("Sort 3142.") == (4, "1234") and soar.lab_solve(" Sort 9. ") == (1, "9")
+    for other in ("Sort 30.", "Sort 3 4.", "What is 3+4?", "", None):
+        assert soar.lab_solve(other) is None
 
 
 def test_lab_soar_learns(lab_model, tmp_path):
