@@ -161,9 +161,10 @@ PRESETS = {
                  inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
                  max_model_len=768, micro_batch_tokens=4096, window=2),
-    # The lab (section 8): the paper's comparison on a laptop CPU, `python soar.py lab`. Sizes [ours]:
-    # one SOAR seed in ~5 minutes on one core, 2 jobs at a time. lr 3e-4: a 0.8M model's (at 1e-4 the
-    # inner loop never moved Q_R in 12 outer steps; at 1e-3 the student collapsed; README, the lab).
+    # The lab (section 8): the paper's comparison on a laptop CPU, `python soar.py lab`. Sizes [ours]
+    # except |Q_R| = 64 [paper]: one SOAR seed in ~5 minutes on one core, 2 jobs at a time. lr 3e-4: a
+    # 0.8M model's (in the first lab world, at 1e-4 the inner loop never moved Q_R in 12 outer steps;
+    # at 1e-3 the student collapsed; README, the lab).
     "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
                 sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=64, inner_steps=10,
                 inner_batch=8, group_size=8, lr=3e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
@@ -1662,7 +1663,7 @@ def pyplot():
 
 
 def tier_shares(question_files):
-    """The lab's world only: per band of tiers (K operands), its share of each outer step's rollouts,
+    """The lab's world only: per band of tiers (K, the difficulty knob), its share of each outer step's rollouts,
     and the share of rollouts that are lab questions with the right answer. {} for other worlds."""
     bands = {"K " + "-".join(map(str, sorted({min(ks), max(ks)}))): ks  # a tuple of K, or a dict K -> weight
              for ks in (LAB["student_k"], LAB["oracle_k"], LAB["hard_k"])}
@@ -1936,16 +1937,17 @@ def build_tiny_model(folder, seed=0):
 
 
 # ----- the lab: a world small enough to watch SOAR work on a laptop CPU (`python soar.py lab`) -----
-# The problems are sums of K single digits, "What is 3+5+2?" -> 10; the difficulty knob is K. The
-# lab model is a 0.8M-parameter Llama warmed up from scratch the way a pretrained LM is made: on
-# *text* of problems with their answers, "Question: What is ...?\nAnswer: \boxed{...}" (the
-# teacher's format), K up to 8, and instruction-tuned as a solver (the student's format) only up to
-# K = 5 (K = 5 rarely). Measured (README, the lab): as a student it solves K <= 5 (greedy 94-100%),
-# K = 6 in 0.8% of samples and K = 7, 8 essentially never (fail@32); as a writer it spreads its
-# questions over K = 1..8 and its answers are right about 3 times in 4 at K = 5, 6 and 1 in 2 at
-# K = 7, 8. A model that can write stepping stones toward problems it cannot solve: the paper's
-# premise. Nothing tells the teacher the tiers; D_train and D_test come from `filter` (fail@32) on
-# the hard tiers; the oracle curriculum is RL on the tier between (K = 6), with correct answers.
+# The problems ask to sort K digits (1-9), "Sort 3152." -> 1235; the difficulty knob is K. The lab
+# model is a 0.8M-parameter Llama warmed up from scratch the way a pretrained LM is made: on *text*
+# of problems with their answers, "Question: Sort ...\nAnswer: \boxed{...}" (the teacher's format),
+# K up to 8, and instruction-tuned as a solver (the student's format) only up to K = 5 (K = 5
+# rarely). Measured (README, the lab): as a student it solves K <= 5, K = 6 in 4% of samples and
+# K = 7 in 1 of 1,500; as a writer it spreads its questions over K = 1..8 and their answers are
+# right. A model that can write problems it cannot solve: the paper's premise. Sorting, not sums: a
+# sum's answers crowd near its mean, so a student that cannot add still guesses right by chance
+# (README: how the world was chosen). Nothing tells the teacher the tiers; D_train and D_test come
+# from `filter` (fail@32) on the hard tier (K = 7); the oracle curriculum is RL on the tier below
+# (K = 6) with correct answers.
 LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7,), oracle_k=(6,),  # [ours]
            hard_problems=300, oracle_problems=400, warmup_steps=800, world="sort")
 
@@ -1975,7 +1977,7 @@ def lab_world(folder, seed=0):
 
 
 def build_lab_model(folder, seed=0):
-    """The lab model (once, ~4 minutes on 2 cores; cached in folder, with the LAB recipe it was built
+    """The lab model (once, ~3 minutes on 2 cores; cached in folder, with the LAB recipe it was built
     from: a changed recipe rebuilds it). Its tokenizer is the character tokenizer with the two fixed
     instructions and the chat markers as single tokens (the model never needs to spell them out:
     prompts shrink from 100-275 tokens to 3-20). Batches alternate between the formats (mixing
@@ -1990,7 +1992,7 @@ def build_lab_model(folder, seed=0):
         shutil.rmtree(folder, ignore_errors=True)
         tok = char_tokenizer()
         tok.add_tokens([STUDENT_PROMPT.format(problem=""), TEACHER_PROMPT, "user: ", "\nassistant: "])
-        print(f"building the lab model in {folder} (once, about 4 minutes on 2 cores)")
+        print(f"building the lab model in {folder} (once, about 3 minutes on 2 cores)")
         small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True, seed=seed,
                     files={"lab.json": recipe})  # a model without its recipe is never in place
     return folder

@@ -1144,7 +1144,7 @@ def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
 
 @pytest.fixture(scope="session")
 def lab_model():
-    """The lab's model, from its recipe (LAB): built once into models/lab (~4 minutes on 2 cores), as `./run.sh` does."""
+    """The lab's model, from its recipe (LAB): built once into models/lab (~3 minutes on 2 cores), as `./run.sh` does."""
     return soar.build_lab_model(HERE / "models" / "lab")
 
 
