@@ -1164,6 +1164,19 @@ def test_lab_world_is_exact_and_tiered(tmp_path):
         assert soar.lab_solve(other) is None
 
 
+def test_tier_shares_count_the_lab_tiers_and_right_answers(tmp_path):
+    """The report's tier plot: per step, the share of the teacher's rollouts in each band of K, and
+    of those that are lab questions with the right answer; other worlds have none."""
+    step = lambda *qs: [{"question": q, "answer": a} for q, a in qs]
+    soar.write_jsonl_atomic(tmp_path / "s0.jsonl", step(("Sort 21.", "12"), ("Sort 654321.", "123456"),
+                                                        ("Sort 7654321.", "1234576"), (None, None)))
+    soar.write_jsonl_atomic(tmp_path / "s1.jsonl", step(("Sort 7654321.", "1234567"), ("Sort 3.", "3")))
+    shares = soar.tier_shares([tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"])
+    assert shares == {"K 1-5": [0.25, 0.5], "K 6": [0.25, 0.0], "K 7": [0.25, 0.5], "answer right": [0.5, 1.0]}
+    soar.write_jsonl_atomic(tmp_path / "math.jsonl", step(("What is 3+4?", "7")))
+    assert soar.tier_shares([tmp_path / "math.jsonl"]) == {}
+
+
 def test_lab_soar_learns(lab_model, tmp_path):
     """The real loop in the lab's world, seed 0: the hard tiers are fail@32 for the base student, the
     teacher's grounded reward is non-zero, promotions happen at the paper's tau and window, and the
