@@ -1949,7 +1949,8 @@ def build_tiny_model(folder, seed=0):
 # from `filter` (fail@32) on the hard tier (K = 7); the oracle curriculum is RL on the tier below
 # (K = 6) with correct answers.
 LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7,), oracle_k=(6,),  # [ours]
-           hard_problems=300, oracle_problems=400, warmup_steps=800, world="sort")
+           hard_problems=300, oracle_problems=400, warmup_steps=800,
+           world="sort")  # the world's name, in the model's recipe: rename it when lab_problem changes
 
 
 def lab_problem(rng, k):
