@@ -1949,8 +1949,7 @@ def build_tiny_model(folder, seed=0):
 # from `filter` (fail@32) on the hard tier (K = 7); the oracle curriculum is RL on the tier below
 # (K = 6) with correct answers.
 LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7,), oracle_k=(6,),  # [ours]
-           hard_problems=300, oracle_problems=400, warmup_steps=800,
-           world="sort")  # the world's name, in the model's recipe: rename it when lab_problem changes
+           hard_problems=300, oracle_problems=400, warmup_steps=800)
 
 
 def lab_problem(rng, k):
@@ -1979,16 +1978,18 @@ def lab_world(folder, seed=0):
 
 def build_lab_model(folder, seed=0):
     """The lab model (once, ~3 minutes on 2 cores; cached in folder, with the LAB recipe it was built
-    from: a changed recipe rebuilds it). Its tokenizer is the character tokenizer with the two fixed
-    instructions and the chat markers as single tokens (the model never needs to spell them out:
-    prompts shrink from 100-275 tokens to 3-20). Batches alternate between the formats (mixing
-    them in one batch pads badly)."""
+    from and a sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer
+    is the character tokenizer with the two fixed instructions and the chat markers as single tokens
+    (the model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
+    alternate between the formats (mixing them in one batch pads badly)."""
     def sample(rng, step):
         teacher = step % 2 == 1
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
         return (TEACHER_PROMPT, f"Question: {p['problem']}\nAnswer: \\boxed{{{p['answer']}}}") if teacher else \
             (STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
-    folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("world", "student_k", "teacher_k", "warmup_steps")} | {"seed": seed})
+    world = [lab_problem(random.Random(0), k) for k in LAB["teacher_k"]]  # a changed lab_problem changes these
+    folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("student_k", "teacher_k", "warmup_steps")}
+                                              | {"seed": seed, "world": world})
     if not (folder / "lab.json").exists() or (folder / "lab.json").read_text() != recipe:
         shutil.rmtree(folder, ignore_errors=True)
         tok = char_tokenizer()
