@@ -892,19 +892,19 @@ def teacher_advantages(rewards, dataset_rewards, cfg):
     return rewards - others.repeat_interleave(cfg.dataset_size)
 
 
-def promotion(window, step_reward, cfg, has_questions=True):
+def promotion(window, step_reward, best_reward, cfg):
     """Step 5: keep the last `window` mean teacher rewards [paper: 3]; promote when a full window
-    averages above tau [paper: 0.01]. Then the window starts over [ours: the paper does not say;
-    each promotion then rests on `window` steps measured against the new baseline, none against
-    the old one]. Returns (promote, average). has_questions: whether the step's best dataset has
-    any question (else nothing was trained)."""
+    averages above tau [paper: 0.01] and the step's best dataset, measured against the current
+    baseline, itself beats tau [ours: the paper does not say. The window keeps rewards measured
+    against an earlier baseline, so right after a promotion it can stay above tau while every
+    student of the step is worse than the new baseline; this keeps those out. We used to restart
+    the window instead, which waited out the steps right after a promotion, where the lab measured
+    its largest gains: README, "SOAR on a laptop"]. best_reward: 0 if that dataset has no question
+    (nothing was trained). Returns (promote, average)."""
     window.append(step_reward)
     del window[:-cfg.window]
     average = sum(window) / len(window)
-    if len(window) == cfg.window and average > cfg.tau and has_questions:
-        window.clear()
-        return True, average
-    return False, average
+    return len(window) == cfg.window and average > cfg.tau and best_reward > cfg.tau, average
 
 
 def save_student(folder, state, tokenizer, template):
@@ -1055,7 +1055,8 @@ def soar(cfg, probe=None):
         best, average = None, step_reward
         if grounded:
             best_k = max(range(cfg.n_datasets), key=lambda k: dataset_rewards[k])
-            promote, average = promotion(state["window"], step_reward, cfg, bool(datasets[best_k]))
+            best_reward = dataset_rewards[best_k] if datasets[best_k] else 0.0
+            promote, average = promotion(state["window"], step_reward, best_reward, cfg)
             best = max((r for r in results if r["k"] == best_k), key=lambda r: r["acc"]) if promote else None
         if best:
             folder = f"students/step_{step:04d}"

@@ -1325,8 +1325,22 @@ def test_fail_at_k_split_and_upper_bound_deduplicate_by_problem_text(tiny, tmp_p
     assert counts == {"rows": 24, "duplicates_removed": 12, "test_problems_removed": len(sides["test"])}
 
 
+def test_promotion_needs_a_full_window_above_tau_and_a_best_dataset_above_tau():
+    cfg = soar.make_config([], "lab")
+    assert (cfg.tau, cfg.window) == (0.01, 3)  # the paper's
+    window, decisions = [], []
+    for step_reward, best_reward in [(0.1, 0.2), (0.1, 0.2), (0.1, 0.2),  # promote once the window is full
+                                     (-0.05, -0.01),  # average 0.05, but every student is worse: no
+                                     (0.05, 0.1),  # the window did not start over: promote again at once
+                                     (-0.2, 0.3), (0.0, 0.3)]:  # best above tau, average not: no
+        decisions.append(soar.promotion(window, step_reward, best_reward, cfg)[0])
+    assert decisions == [False, False, True, False, True, False, False]
+    assert window == [0.05, -0.2, 0.0]
+    assert soar.promotion([], 0.5, 0.0, cfg) == (False, 0.5)  # a partial window averages what it has
+
+
 def test_choices_the_paper_does_not_fix_are_marked_ours():
-    assert "[ours: the paper does not say" in soar.promotion.__doc__  # the window starting over
+    assert "[ours: the paper does not say" in soar.promotion.__doc__  # the best dataset above tau
     assert "[ours: the paper does not fix" in soar.select_promoted_student.__doc__  # PS by validation accuracy
 
 
