@@ -1188,7 +1188,7 @@ def test_lab_soar_learns(lab_model, tmp_path):
     assert sum(c["successes"] == 0 for c in counts) >= 0.9 * len(counts)  # the hard tiers are fail@32
     d_test = soar.read_jsonl(tmp_path / "filter" / "lab_test.jsonl")
     cfg = lab("--data", str(tmp_path / "filter" / "lab_train.jsonl"), "--out", str(tmp_path / "soar"),
-              "--outer_steps", "6")
+              "--outer_steps", "4")  # seed 0 promotes at steps 2 and 3 (README, the lab)
     assert (cfg.tau, cfg.window) == (0.01, 3)  # the paper's
     run = soar.soar(cfg)
     rows = read_rows(run / "metrics.jsonl")
