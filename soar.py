@@ -1133,12 +1133,18 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
 
 # ----- the `eval` and `train` commands: pass@k; RLVR on jsonl problems (Hard-Only baseline, PQ protocol) -----
 
+def load_policy(cfg, path, data=(), budgets=("max_new_tokens",), teacher=False):
+    """A command's model and tokenizer, once its prompts are known to fit (check_fits)."""
+    tok = load_tokenizer(path)
+    check_fits(cfg, tok, data, budgets, teacher)
+    return Policy(path, cfg, make_engine(cfg, path, tok), cfg.lr, device_for(0)), tok
+
+
 def evaluate(cfg):
     """pass@k for each k of --eval_k (--eval_n samples per problem at --temperature) and greedy
     accuracy on --data, as JSON (printed, and written to --output)."""
-    problems, tok = load_problems(cfg.data), load_tokenizer(cfg.model)
-    check_fits(cfg, tok, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
-    policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+    problems = load_problems(cfg.data)
+    policy, tok = load_policy(cfg, cfg.model, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
     counts, n = [], cfg.eval_n
     for start in tqdm(range(0, len(problems), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
         counts += successes(policy, tok, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
@@ -1166,10 +1172,7 @@ def train(cfg, reward_fn=grader.grade):
         print(f"{out}: finished ({step} of {cfg.steps} steps). To continue it: the same command with --steps N "
               f"(N > {step}); to start another: --out NEW_FOLDER")
         return
-    start_path = ckpt if step else cfg.model
-    tok = load_tokenizer(start_path)
-    check_fits(cfg, tok, cfg.data)
-    policy = Policy(start_path, cfg, make_engine(cfg, start_path, tok), cfg.lr, device_for(0))
+    policy, tok = load_policy(cfg, ckpt if step else cfg.model, cfg.data)
     if step and (ckpt / "trainer_state.pt").exists():
         load_trainer_state(ckpt, policy)
         print(f"resuming from {ckpt} at step {step}")
@@ -1405,9 +1408,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
     todo = [p for i, p in enumerate(problems) if p["id"] not in done and i % cfg.shards == cfg.shard]
     if todo:
         counts_path.parent.mkdir(parents=True, exist_ok=True)
-        tok = load_tokenizer(cfg.model)
-        check_fits(cfg, tok, data_paths)
-        policy = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+        policy, tok = load_policy(cfg, cfg.model, data_paths)
     chunk = 64  # [ours] problems per engine call; also the resume granularity
     for start in tqdm(range(0, len(todo), chunk), desc=f"fail@{k}"):
         batch = todo[start:start + chunk]
@@ -1434,9 +1435,7 @@ def fail_at_k(cfg, data_paths, k, out_prefix, split=True):
 
 def sample_questions(cfg, teacher_path, count, out_path):
     """Intrinsic-T protocol [paper]: `count` parsed questions from a trained teacher."""
-    tok = load_tokenizer(teacher_path)
-    check_fits(cfg, tok, teacher=True)
-    teacher = Policy(teacher_path, cfg, make_engine(cfg, teacher_path, tok), cfg.lr, device_for(0))
+    teacher, tok = load_policy(cfg, teacher_path, teacher=True)
     prompt, rows = chat_ids(tok, TEACHER_PROMPT), []
     for attempt in range(20):  # [ours] give up after 20 rounds of `count` rollouts
         for c in teacher.sample([prompt], count, cfg.teacher_temperature, cfg.teacher_max_new_tokens,
@@ -1458,10 +1457,9 @@ def select_promoted_student(cfg, run):
     the choice never sees the test split, among the promoted students and the base model (PS is
     never worse on validation than where it started). One engine serves all candidates (same
     architecture): only the weights are swapped."""
-    tok, validation = load_tokenizer(cfg.model), load_problems(cfg.data)
+    validation = load_problems(cfg.data)
     curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []  # the report's curve
-    check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"])
-    student = Policy(cfg.model, cfg, make_engine(cfg, cfg.model, tok), cfg.lr, device_for(0))
+    student, tok = load_policy(cfg, cfg.model, cfg.data, ["eval_max_new_tokens"])
     scores, test, state = {}, {}, student.state()  # the choice reads only `scores`; `test` is the report's curve
     for folder in [cfg.model] + [str(f) for f in sorted((Path(run) / "students").glob("step_*"))]:
         if folder != cfg.model:
