@@ -38,7 +38,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1491,7 +1493,6 @@ def run_jobs(jobs, cfg):
     """Run independent jobs (argv lists of this script) in parallel: one per GPU at a time, or without
     GPUs cfg.cpu_jobs at a time as child processes of one thread each (1: in this process, in turn)."""
     import queue
-    from concurrent.futures import ThreadPoolExecutor
     n_gpu = torch.cuda.device_count()
     if not n_gpu and cfg.cpu_jobs <= 1:
         for argv in jobs:
@@ -1509,7 +1510,7 @@ def run_jobs(jobs, cfg):
         finally:
             free.put(slot)
 
-    with ThreadPoolExecutor(free.qsize()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(free.qsize()) as pool:
         list(pool.map(run_in_a_free_slot, jobs))  # list(): re-raises the first failure
 
 
@@ -1642,7 +1643,6 @@ def question_diversity(questions, max_pairs_of=200, seed=0):
     intrinsic teachers collapse onto a few templates): distinct-2, unique word bigrams / all bigrams
     pooled over the questions (higher = more varied), and the mean pairwise Jaccard similarity of
     the questions' bigram sets over at most 200 sampled questions (higher = more alike)."""
-    import re
     grams = [list(zip(t, t[1:])) for t in (re.findall(r"\w+|[^\w\s]", q.lower()) for q in questions)]
     pooled = [g for gs in grams for g in gs]
     sets = [set(grams[i]) for i in random.Random(seed).sample(range(len(grams)), min(max_pairs_of, len(grams)))]
@@ -1681,7 +1681,6 @@ def learning_curves(run_dirs, out_dir, plt):
     """Greedy accuracy on the test split as training goes: the baseline student of each SOAR run
     against outer step (promoted_student.json scores every promoted student), and each `train` run
     against RL step (its curve_acc rows). Writes curves.json and curves.png; returns report lines."""
-    import statistics
     curves = {}
     for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/promoted_student.json")}):
         acc, steps = json.loads(f.read_text()).get("curve_accuracy"), len(read_jsonl(f.parent / "metrics.jsonl", ()))
@@ -1719,7 +1718,6 @@ def learning_curves(run_dirs, out_dir, plt):
 
 def render_report(run_dirs, out_dir):
     """`python soar.py report RUN_DIR...`: out_dir/report.md (+ PNG plots when matplotlib imports)."""
-    import statistics
     out_dir, plt = Path(out_dir), pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     results, notes = {}, {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed; a remark
@@ -1959,7 +1957,6 @@ def lab_problem(rng, k):
 
 def lab_solve(question):
     """(K, the right answer) of a question in the lab's form, else None (the report's tier shares)."""
-    import re
     m = re.fullmatch(r"Sort ([1-9]+)\.", (question or "").strip())
     return (len(m[1]), "".join(sorted(m[1]))) if m else None
 
@@ -2195,7 +2192,6 @@ OPTIONS = {
 def config_comments():
     """{field: its comment in Config's source, continuation lines joined}."""
     import inspect
-    import re
     comments, name = {}, None
     for line in inspect.getsource(Config).splitlines():
         if m := re.match(r"    (\w+): .*?(?:  # (.*))?$", line):
@@ -2208,7 +2204,6 @@ def config_comments():
 def command_help(command, preset):
     """`python soar.py COMMAND --help`: the command's options, their defaults under the preset, and
     the comment of each in Config ([paper] or [ours], and why)."""
-    import re
     summary = dict(re.findall(r"^    (\w+) {2,}(.+)$", __doc__, re.M))
     cfg, comments = make_config([], preset), config_comments()
     lines = [f"python soar.py {command} [--preset {'|'.join(PRESETS)}] [--FIELD VALUE ...]", "", summary[command], "",
