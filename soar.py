@@ -871,15 +871,9 @@ def rollout_rewards(rollouts, datasets, cfg, dataset_rewards=None, question_rewa
     """Per-rollout rewards: parsed rollouts carry their dataset's R(X_k) (SOAR) or their own
     learnability (Intrinsic-T); unparseable ones get cfg.parse_penalty."""
     parsed = {q["rollout"]: k for k, ds in enumerate(datasets) for q in ds}
-    rewards = []
-    for i in range(len(rollouts)):
-        if i not in parsed:
-            rewards.append(cfg.parse_penalty)
-        elif dataset_rewards is not None:
-            rewards.append(dataset_rewards[parsed[i]])
-        else:
-            rewards.append(question_rewards.get(i, 0.0))
-    return rewards
+    if dataset_rewards is not None:
+        return [dataset_rewards[parsed[i]] if i in parsed else cfg.parse_penalty for i in range(len(rollouts))]
+    return [question_rewards.get(i, 0.0) if i in parsed else cfg.parse_penalty for i in range(len(rollouts))]
 
 
 def teacher_advantages(rewards, dataset_rewards, cfg):
