@@ -296,9 +296,7 @@ def keep_rows(path, keep):
 
 
 def load_problems(paths):
-    problems = []
-    for p in paths:
-        problems += read_jsonl(p)
+    problems = [row for p in paths for row in read_jsonl(p)]
     if not problems:
         raise UserError(f"--data: no problems in {' '.join(map(str, paths)) or '(no file given)'}")
     return problems
