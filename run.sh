@@ -4,7 +4,7 @@
 #                    Hard-Only and the oracle curriculum, ~9 min + ~3 min once to build the
 #                    lab model); with GPUs, the paper pipeline
 #   ./run.sh test    set up what the tests need, then run test_soar.py
-# Also: ./run.sh lab (all methods, 3 seeds, ~31 minutes) | demo (SmolLM2 through vLLM) | paper | setup
+# Also: ./run.sh lab (all methods, 3 seeds, ~30 minutes) | demo (SmolLM2 through vLLM) | paper | setup
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}

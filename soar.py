@@ -888,13 +888,12 @@ def teacher_advantages(rewards, dataset_rewards, cfg):
 
 def promotion(window, step_reward, best_reward, cfg):
     """Step 5: keep the last `window` mean teacher rewards [paper: 3]; promote when a full window
-    averages above tau [paper: 0.01] and the step's best dataset, measured against the current
-    baseline, itself beats tau [ours: the paper does not say. The window keeps rewards measured
-    against an earlier baseline, so right after a promotion it can stay above tau while every
-    student of the step is worse than the new baseline; this keeps those out. We used to restart
-    the window instead, which waited out the steps right after a promotion, where the lab measured
-    its largest gains: README, "SOAR on a laptop"]. best_reward: 0 if that dataset has no question
-    (nothing was trained). Returns (promote, average)."""
+    averages above tau [paper: 0.01] and the step's best dataset itself beats tau
+    [ours: the paper does not say; the window still holds rewards measured against an earlier
+    baseline, so right after a promotion it can stay above tau while every student of this step
+    is worse than the new baseline]. The window runs on across promotions [ours; README, "The
+    promotion rule"].
+    best_reward: 0 if that dataset has no question (nothing was trained). Returns (promote, average)."""
     window.append(step_reward)
     del window[:-cfg.window]
     average = sum(window) / len(window)
