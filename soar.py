@@ -166,8 +166,9 @@ PRESETS = {
     # The lab (section 8): the paper's comparison on a laptop CPU, `python soar.py lab`. Sizes [ours]
     # except |Q_R| = 64 [paper]: one SOAR seed in ~5 minutes on one core, 2 jobs at a time. lr 1.5e-4,
     # chosen on R (Q_R, from D_train): at 3e-4 the inner loops after a promotion mostly made the
-    # stronger student worse (63 of 144 rewards < 0, 3 seeds), at 1.5e-4 29 of 144; 1e-4 moved Q_R by
-    # at most 0.06 in 6 steps; in the first lab world 1e-3 collapsed the student (README, the lab).
+    # stronger student worse (63 of 144 rewards < 0, 3 seeds), at 1.5e-4 29 of 144 (both under the
+    # earlier promotion rule); 1e-4 moved Q_R by at most 0.06 in 6 steps; in the first lab world 1e-3
+    # collapsed the student (README, the lab).
     "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
                 sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=64, inner_steps=10,
                 inner_batch=8, group_size=8, lr=1.5e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
@@ -869,9 +870,9 @@ def rollout_rewards(rollouts, datasets, cfg, dataset_rewards=None, question_rewa
     """Per-rollout rewards: parsed rollouts carry their dataset's R(X_k) (SOAR) or their own
     learnability (Intrinsic-T); unparseable ones get cfg.parse_penalty."""
     parsed = {q["rollout"]: k for k, ds in enumerate(datasets) for q in ds}
-    if dataset_rewards is not None:
-        return [dataset_rewards[parsed[i]] if i in parsed else cfg.parse_penalty for i in range(len(rollouts))]
-    return [question_rewards.get(i, 0.0) if i in parsed else cfg.parse_penalty for i in range(len(rollouts))]
+    own = (lambda i: dataset_rewards[parsed[i]]) if dataset_rewards is not None else \
+        (lambda i: question_rewards.get(i, 0.0))
+    return [own(i) if i in parsed else cfg.parse_penalty for i in range(len(rollouts))]
 
 
 def teacher_advantages(rewards, dataset_rewards, cfg):
