@@ -168,7 +168,7 @@ PRESETS = {
     # chosen on R (Q_R, from D_train): at 3e-4 the inner loops after a promotion mostly made the
     # stronger student worse (63 of 144 rewards < 0, 3 seeds), at 1.5e-4 29 of 144 (both under the
     # earlier promotion rule); 1e-4 moved Q_R by at most 0.06 in 6 steps; in the first lab world 1e-3
-    # collapsed the student. Once a student solves half of Q_R, 10 steps at 1.5e-4 on any of the
+    # collapsed the student. Once a student solves half of Q_R, 10 steps at 1.5e-4 on nearly any of the
     # teacher's datasets make it worse, so promotions stop (README, the lab: replays, repeats probe).
     "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
                 sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=64, inner_steps=10,
