@@ -165,11 +165,10 @@ PRESETS = {
                  max_model_len=768, micro_batch_tokens=4096, window=2),
     # The lab (section 8): the paper's comparison on a laptop CPU, `python soar.py lab`. Sizes [ours]
     # except |Q_R| = 64 [paper]: one SOAR seed in ~5 minutes on one core, 2 jobs at a time. lr 1.5e-4,
-    # chosen on R (Q_R, from D_train): at 3e-4 the inner loops after a promotion mostly made the
-    # stronger student worse (63 of 144 rewards < 0, 3 seeds), at 1.5e-4 29 of 144 (both under the
-    # earlier promotion rule); 1e-4 moved Q_R by at most 0.06 in 6 steps; in the first lab world 1e-3
-    # collapsed the student. Once a student solves half of Q_R, 10 steps at 1.5e-4 on nearly any of the
-    # teacher's datasets make it worse, so promotions stop (README, the lab: replays, repeats probe).
+    # chosen on R (Q_R, from D_train): 3e-4 made more post-promotion students worse (63 of 144 rewards
+    # < 0 against 29, earlier promotion rule), 1e-4 moved Q_R by at most 0.06 in 6 steps, 1e-3 collapsed
+    # the student in the first lab world. Once a student solves half of Q_R, nearly any of the teacher's
+    # datasets makes it worse at this lr, so promotions stop (README, the lab: replays, repeats probe).
     "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
                 sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=64, inner_steps=10,
                 inner_batch=8, group_size=8, lr=1.5e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
