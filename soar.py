@@ -169,10 +169,12 @@ PRESETS = {
     # < 0 against 29, earlier promotion rule), 1e-4 moved Q_R by at most 0.06 in 6 steps, 1e-3 collapsed
     # the student in the first lab world. Once a student solves half of Q_R, nearly any of the teacher's
     # datasets makes it worse at this lr, so promotions stop (README, the lab: replays, repeats probe).
+    # fail@128 [paper]: at fail@32 one D_train problem the base student solves 3% of the time gave
+    # Hard-Only its first reward by chance (README, the lab).
     "lab": dict(model="models/lab", data=[], out="runs/lab", data_dir="runs/lab/data", datasets=["lab"], transfer="",
                 sampler="hf", outer_steps=12, dataset_size=16, n_datasets=4, repeats=1, qr_size=64, inner_steps=10,
                 inner_batch=8, group_size=8, lr=1.5e-4, teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64,
-                eval_max_new_tokens=16, max_model_len=256, micro_batch_tokens=4096, filter_k=32, seeds=3,
+                eval_max_new_tokens=16, max_model_len=256, micro_batch_tokens=4096, filter_k=128, seeds=3,
                 soar_seeds=3, steps=40, save_every=40, curve_every=5, intrinsic_questions=128, eval_n=16,
                 eval_k="1,2,4,8,16", cpu_jobs=2),
     # A tiny model for the tests and the pre-flight check: `main` builds it (build_tiny_model) when
@@ -1936,7 +1938,7 @@ def build_tiny_model(folder, seed=0):
 # right. A model that can write problems it cannot solve: the paper's premise. Sorting, not sums: a
 # sum's answers crowd near its mean, so a student that cannot add still guesses right by chance
 # (README: how the world was chosen). Nothing tells the teacher the tiers; D_train and D_test come
-# from `filter` (fail@32) on the hard tier (K = 7); the oracle curriculum is RL on the tier below
+# from `filter` (fail@128) on the hard tier (K = 7); the oracle curriculum is RL on the tier below
 # (K = 6) with correct answers.
 LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7,), oracle_k=(6,),  # [ours]
            hard_problems=300, oracle_problems=400, warmup_steps=800)
