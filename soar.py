@@ -1850,9 +1850,7 @@ def convert_smollm2(folder):
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.bfloat16)
     config = loaded.config
-    config.quantization_config = None  # save_pretrained refuses a GGUF-loaded model; rebuild it plainly
-    if hasattr(config, "__dict__"):
-        config.__dict__.pop("quantization_config", None)
+    vars(config).pop("quantization_config", None)  # save_pretrained refuses a GGUF-loaded model; rebuild it plainly
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.load_state_dict(loaded.state_dict())
     tmp = folder.with_name(folder.name + ".tmp")
