@@ -1645,17 +1645,6 @@ def question_diversity(questions, max_pairs_of=200, seed=0):
             "jaccard": sum(sims) / len(sims) if sims else 0.0}
 
 
-def pyplot():
-    """matplotlib's pyplot without a display, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
-
 def tier_shares(question_files):
     """The lab's world only: per band of tiers (K, the difficulty knob), its share of each outer step's rollouts,
     and the share of rollouts that are lab questions with the right answer. {} for other worlds."""
@@ -1712,8 +1701,14 @@ def learning_curves(run_dirs, out_dir, plt):
 
 def render_report(run_dirs, out_dir):
     """`python soar.py report RUN_DIR...`: out_dir/report.md (+ PNG plots when matplotlib imports)."""
-    out_dir, plt = Path(out_dir), pyplot()
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # matplotlib without a display; without matplotlib, the report has no plots
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
     results, notes = {}, {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed; a remark
     for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}):
         r = json.loads(f.read_text())
