@@ -1740,10 +1740,9 @@ def render_report(run_dirs, out_dir):
         if plt:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for m in (m for m in methods if (ds, m) not in notes):
-                ks = [k for k in KS if values(ds, m, k)]
-                spread = [statistics.stdev(values(ds, m, k)) if len(values(ds, m, k)) > 1 else 0 for k in ks]
-                ax.errorbar([int(k) for k in ks], [100 * mean(values(ds, m, k)) for k in ks],
-                            yerr=[100 * e for e in spread], marker="o", label=m)
+                seeds = {int(k): values(ds, m, k) for k in KS if values(ds, m, k)}  # k -> pass@k of each seed
+                ax.errorbar(list(seeds), [100 * mean(v) for v in seeds.values()], marker="o", label=m,
+                            yerr=[100 * statistics.stdev(v) if len(v) > 1 else 0 for v in seeds.values()])
             ax.set(xscale="log", xlabel="k", ylabel="pass@k (%)", title=ds)
             ax.legend(fontsize=7)
             fig.tight_layout()
