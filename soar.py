@@ -1532,6 +1532,17 @@ def pipeline(cfg, preset):
     fil = lambda name, part: f"{root / 'filter' / name}_{part}.jsonl"
     run = lambda jobs: run_jobs([argv for done, argv in jobs if not done], cfg)
     wanted = lambda *methods: bool(set(methods) & set(cfg.methods))
+    # A folder holds one setting: a re-run skips finished work, so a changed flag would silently mix two
+    # settings. Only what adds work of the same setting (--seeds, --methods) or where it runs may change.
+    setting = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                     if k not in ("seeds", "methods", "cpu_jobs", "out")}))
+    if not (root / "pipeline.json").exists():
+        write_json_atomic(root / "pipeline.json", setting)
+    made = json.loads((root / "pipeline.json").read_text())
+    changed = [k for k in setting if k in made and made[k] != setting[k]]
+    if changed:
+        raise UserError(f"{root} holds a run made with --{changed[0]} {made[changed[0]]}, not "
+                        f"{setting[changed[0]]}: give the flags it was made with, or another --out")
     # 1. data: the public releases in one schema (CPU only), or the lab's generated world
     files = {name: [str(lab_world(data)["hard"])] if name == "lab" else
              [str(p) for p in prepare(name, sources.get(name), data)] for name in names}

@@ -1181,9 +1181,10 @@ def test_tier_shares_count_the_lab_tiers_and_right_answers(tmp_path):
 
 
 def test_lab_soar_learns(lab_model, tmp_path):
-    """The real loop in the lab's world, seed 0: the hard tiers are fail@32 for the base student, the
-    teacher's grounded reward is non-zero, promotions happen at the paper's tau and window, and the
-    promoted student solves held-out hard problems that the base student solves none of."""
+    """The real loop in the lab's world, seed 0: the hard tiers are fail@32 for the base student (all
+    300 problems; 297 are fail@128, the preset's, which takes 4x the samples), the teacher's grounded
+    reward is non-zero, promotions happen at the paper's tau and window, and the promoted student
+    solves held-out hard problems that the base student solves none of."""
     files = soar.lab_world(tmp_path)
     lab = lambda *flags: soar.make_config(["--model", str(lab_model), *flags], "lab")
     soar.fail_at_k(lab("--out", str(tmp_path)), [str(files["hard"])], 32, tmp_path / "filter" / "lab")
@@ -1191,7 +1192,7 @@ def test_lab_soar_learns(lab_model, tmp_path):
     assert sum(c["successes"] == 0 for c in counts) >= 0.9 * len(counts)  # the hard tiers are fail@32
     d_test = soar.read_jsonl(tmp_path / "filter" / "lab_test.jsonl")
     cfg = lab("--data", str(tmp_path / "filter" / "lab_train.jsonl"), "--out", str(tmp_path / "soar"),
-              "--outer_steps", "4")  # seed 0 promotes at steps 2 and 3 (README, the lab)
+              "--outer_steps", "4")  # on this split seed 0 promotes at steps 2-5 (README, the lab at fail@32)
     assert (cfg.tau, cfg.window) == (0.01, 3)  # the paper's
     run = soar.soar(cfg)
     rows = read_rows(run / "metrics.jsonl")
@@ -1515,6 +1516,19 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path, monkeypatch):
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts}
     pipeline_main(argv)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts} == stamp
+
+
+def test_pipeline_refuses_a_folder_made_with_other_flags(tmp_path):
+    """A re-run skips finished work, so a folder keeps the setting it was made with: a changed flag is
+    one line naming it, before any work; more seeds or methods are more work of the same setting."""
+    argv = ["pipeline", "--preset", "test", "--model", "m", "--out", str(tmp_path / "run"),
+            "--data_dir", str(tmp_path / "data"), "--sources", f"math={tmp_path / 'missing'}"]
+    for flags in ([], ["--seeds", "2", "--methods", "Base", "Hard-Only"]):  # fails at its first stage, after the check
+        with pytest.raises(soar.UserError, match="missing"):
+            soar.main(argv + flags)
+    with pytest.raises(soar.UserError, match=r"run made with --lr 0.01, not 0.02: .* or another --out$"):
+        soar.main(argv + ["--lr", "0.02"])
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["lr"] == 0.01
 
 
 def test_fail_at_k_shards_resume_and_split(tiny, toy_train, tmp_path):
