@@ -1557,6 +1557,28 @@ def pipeline(cfg, preset):
         if not Path(fil(name, "test")).exists():
             fail_at_k(dataclasses.replace(cfg, shards=1, shard=0), files[name], cfg.filter_k, root / "filter" / name,
                       split=name != cfg.transfer)
+    math_train = read_jsonl(data / "math_train.jsonl") if (data / "math_train.jsonl").exists() else []
+    upper = {name: "Oracle" if name == "lab" else "Upper bound" for name in cfg.datasets}  # the lab's: its oracle
+    for name in cfg.datasets:  # the upper bound's problems: MATH train (the lab: its curriculum) less the test split
+        if not Path(fil(name, "upper")).exists():
+            source = read_jsonl(data / "lab_oracle.jsonl") if name == "lab" else math_train
+            rows, counts = upper_bound(source, read_jsonl(fil(name, "test")))
+            write_jsonl_atomic(fil(name, "upper"), rows)
+            meta = root / "filter" / f"{name}_meta.json"
+            write_json_atomic(meta, {**(json.loads(meta.read_text()) if meta.exists() else {}), "upper": counts})
+
+    def training(method, name, seed, paths):  # a `train` job of the protocol: (done, argv), and its model
+        out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
+        group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)  # [paper] 32 and 128
+        paths = [p for p in paths if Path(p).exists() and read_jsonl(p, ())]  # empty files: left out
+        argv = ["train", *base, "--seed", str(cfg.seed + seed), "--out", str(out), "--group_size", str(group),
+                "--curve_data", fil(name, "test"), "--data", *paths]
+        return (committed_step(out / "checkpoint") >= cfg.steps, argv), str(out / "checkpoint")
+
+    # the trainings that need only the split: without GPUs they run beside SOAR, so no core waits for it
+    alone = [training(m, name, seed, ([fil(name, "upper")] if m == upper[name] else []) + [fil(name, "train")])[0]
+             for name in cfg.datasets for seed in range(cfg.seeds)
+             for m in ("Hard-Only", "Hard-Only-4x", upper[name]) if wanted(m)]
     # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
     #    (soar_seeds runs each; the protocol's seed t uses run t % soar_seeds); without GPUs, as the jobs
     run_dir = lambda kind, name, s: root / (f"{kind}_{name}" + (f"_seed{s}" if cfg.soar_seeds > 1 else ""))
@@ -1570,7 +1592,7 @@ def pipeline(cfg, preset):
         for argv in runs:
             run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
     else:
-        run_jobs(runs, cfg)
+        run_jobs(runs + [argv for done, argv in alone if not done], cfg)
     # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
     soar_runs = [(name, s) for name in cfg.datasets for s in range(cfg.soar_seeds)]
     run([((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
@@ -1579,25 +1601,15 @@ def pipeline(cfg, preset):
         [((run_dir("soar", n, s) / "promoted_student.json").exists() or not wanted("SOAR-PS", "SOAR-PQ"),
           ["select_ps", *base, "--out", str(run_dir("soar", n, s)), "--data", fil(n, "val"),
            "--curve_data", fil(n, "test")]) for n, s in soar_runs])
-    math_train = read_jsonl(data / "math_train.jsonl") if (data / "math_train.jsonl").exists() else []
     trainings, models = [], []  # models: (method, dataset, seed, model folder, note) to evaluate
     for name in cfg.datasets:
-        upper = "Oracle" if name == "lab" else "Upper bound"  # the lab's upper bound: its oracle curriculum
-        if not Path(fil(name, "upper")).exists():
-            source = read_jsonl(data / "lab_oracle.jsonl") if name == "lab" else math_train
-            rows, counts = upper_bound(source, read_jsonl(fil(name, "test")))
-            write_jsonl_atomic(fil(name, "upper"), rows)
-            meta = root / "filter" / f"{name}_meta.json"
-            write_json_atomic(meta, {**(json.loads(meta.read_text()) if meta.exists() else {}), "upper": counts})
         hard_only = "so it trained on the hard split alone: Hard-Only under another name"
         for seed in range(cfg.seeds):
             soar_run, intrinsic = run_dir("soar", name, seed % cfg.soar_seeds), run_dir("intrinsic", name, seed % cfg.soar_seeds)
             pq, questions = soar_run / "promotion_questions.jsonl", intrinsic / "questions.jsonl"
             methods = {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
                        "SOAR-PQ": [str(pq), fil(name, "train")], "Intrinsic-T": [str(questions), fil(name, "train")],
-                       upper: [fil(name, "upper"), fil(name, "train")]}
-            methods = {m: [p for p in paths if Path(p).exists() and read_jsonl(p, ())]  # empty files: left out
-                       for m, paths in methods.items() if wanted(m)}
+                       upper[name]: [fil(name, "upper"), fil(name, "train")]}
             ps = json.loads((soar_run / "promoted_student.json").read_text())["best"] if wanted("SOAR-PS") else None
             notes = {"SOAR-PQ": f"degenerate: no promotion in {soar_run.name}, {hard_only}"
                      if wanted("SOAR-PQ") and not read_jsonl(pq, ()) else "",
@@ -1608,12 +1620,10 @@ def pipeline(cfg, preset):
             models += [(m, name, seed, model, notes.get(m, "")) for m, model in (("Base", cfg.model), ("SOAR-PS", ps))
                        if wanted(m)]
             for method, paths in methods.items():
-                out = root / "train" / f"{method.replace(' ', '_')}_{name}_seed{seed}"
-                group = cfg.protocol_group_size * (4 if method == "Hard-Only-4x" else 1)  # [paper] 32 and 128
-                trainings.append((committed_step(out / "checkpoint") >= cfg.steps,
-                                  ["train", *base, "--seed", str(cfg.seed + seed), "--out", str(out), "--group_size",
-                                   str(group), "--curve_data", fil(name, "test"), "--data", *paths]))
-                models.append((method, name, seed, str(out / "checkpoint"), notes.get(method, "")))
+                if wanted(method):
+                    job, model = training(method, name, seed, paths)
+                    trainings.append(job)
+                    models.append((method, name, seed, model, notes.get(method, "")))
     # 5. the trainings of the protocol, then pass@k on the fail@k test split of their dataset (and
     #    on OlympiadBench, the held-out transfer set, for models trained on MATH)
     run(trainings)
