@@ -1558,7 +1558,7 @@ def pipeline(cfg, preset):
             fail_at_k(dataclasses.replace(cfg, shards=1, shard=0), files[name], cfg.filter_k, root / "filter" / name,
                       split=name != cfg.transfer)
     math_train = read_jsonl(data / "math_train.jsonl") if (data / "math_train.jsonl").exists() else []
-    upper = {name: "Oracle" if name == "lab" else "Upper bound" for name in cfg.datasets}  # the lab's: its oracle
+    upper = {name: "Oracle" if name == "lab" else "Upper bound" for name in cfg.datasets}  # the lab's: its curriculum
     for name in cfg.datasets:  # the upper bound's problems: MATH train (the lab: its curriculum) less the test split
         if not Path(fil(name, "upper")).exists():
             source = read_jsonl(data / "lab_oracle.jsonl") if name == "lab" else math_train
@@ -1593,7 +1593,7 @@ def pipeline(cfg, preset):
             run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
     else:
         run_jobs(runs + [argv for done, argv in alone if not done], cfg)
-    # 4. what the protocol trains on: Intrinsic-T's questions, the promoted student (PS), the upper bound
+    # 4. what the protocol trains on besides: Intrinsic-T's questions, the promoted student (PS)
     soar_runs = [(name, s) for name in cfg.datasets for s in range(cfg.soar_seeds)]
     run([((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
           ["questions", *base, "--model", str(run_dir("intrinsic", n, s) / "teacher"), "--seed", str(cfg.seed + s),
