@@ -1576,9 +1576,10 @@ def pipeline(cfg, preset):
         return (committed_step(out / "checkpoint") >= cfg.steps, argv), str(out / "checkpoint")
 
     # the trainings that need only the split: without GPUs they run beside SOAR, so no core waits for it
-    alone = [training(m, name, seed, ([fil(name, "upper")] if m == upper[name] else []) + [fil(name, "train")])[0]
-             for name in cfg.datasets for seed in range(cfg.seeds)
-             for m in ("Hard-Only", "Hard-Only-4x", upper[name]) if wanted(m)]
+    split_only = lambda name: {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
+                               upper[name]: [fil(name, "upper"), fil(name, "train")]}  # method -> its data
+    alone = [training(m, name, seed, paths)[0] for name in cfg.datasets for seed in range(cfg.seeds)
+             for m, paths in split_only(name).items() if wanted(m)]
     # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
     #    (soar_seeds runs each; the protocol's seed t uses run t % soar_seeds); without GPUs, as the jobs
     run_dir = lambda kind, name, s: root / (f"{kind}_{name}" + (f"_seed{s}" if cfg.soar_seeds > 1 else ""))
@@ -1607,9 +1608,8 @@ def pipeline(cfg, preset):
         for seed in range(cfg.seeds):
             soar_run, intrinsic = run_dir("soar", name, seed % cfg.soar_seeds), run_dir("intrinsic", name, seed % cfg.soar_seeds)
             pq, questions = soar_run / "promotion_questions.jsonl", intrinsic / "questions.jsonl"
-            methods = {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
-                       "SOAR-PQ": [str(pq), fil(name, "train")], "Intrinsic-T": [str(questions), fil(name, "train")],
-                       upper[name]: [fil(name, "upper"), fil(name, "train")]}
+            methods = {**split_only(name), "SOAR-PQ": [str(pq), fil(name, "train")],
+                       "Intrinsic-T": [str(questions), fil(name, "train")]}
             ps = json.loads((soar_run / "promoted_student.json").read_text())["best"] if wanted("SOAR-PS") else None
             notes = {"SOAR-PQ": f"degenerate: no promotion in {soar_run.name}, {hard_only}"
                      if wanted("SOAR-PQ") and not read_jsonl(pq, ()) else "",
