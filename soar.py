@@ -93,7 +93,8 @@ class Config:
     max_grad_norm: float = 1.0      # [ours]
     clip_eps: float = 0.2           # [ours] PPO's value; with one update per batch it only matters
                                     #        through sampler/trainer mismatch
-    kl_beta: float = 0.0            # [ours] no KL: no frozen reference copy is held in memory
+    kl_beta: float = 0.0            # [ours] no KL: no frozen reference copy is held in memory; the
+                                    #        reference is always --model, the run's starting point
     batch_size: int = 8             # [ours] `train`: problems per RL step, as the inner loop's 8 [paper]
     group_size: int = 8             # [ours] samples per problem (RLOO needs >= 2)
     temperature: float = 1.0        # [ours] sampling temperature for training and pass@k
@@ -111,6 +112,7 @@ class Config:
     tau: float = 0.01               # [paper] promotion threshold on the moving average reward
     window: int = 3                 # [paper] moving-average window (outer steps)
     teacher_lr: float = 1e-6        # [ours]
+    teacher_kl_beta: float = 0.0    # [ours] the teacher's kl_beta, toward --model (the lab: 0.1)
     teacher_temperature: float = 1.0  # [ours]
     teacher_max_new_tokens: int = 512  # [ours] one problem and its answer fit easily
     parse_penalty: float = -0.1     # [ours] reward of an unparseable rollout: below a useless (R = 0) question
@@ -503,7 +505,7 @@ class Policy:
     optimizer step (autocast would recast every weight in every forward); each bf16 gradient is added
     to the fp32 master gradient when complete (README, memory plan: why fp32, and the sizes)."""
 
-    def __init__(self, path, cfg, engine, lr, device):
+    def __init__(self, path, cfg, engine, lr, device, ref=None):
         from transformers import AutoModelForCausalLM
         self.path, self.cfg, self.engine = str(path), cfg, engine
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(device)
@@ -522,7 +524,7 @@ class Policy:
         self.pinned = {}  # moved(): the CPU side of each tensor
         self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
         if cfg.kl_beta:
-            self.ref = AutoModelForCausalLM.from_pretrained(self.path, dtype=compute_dtype(device)).to(device)
+            self.ref = AutoModelForCausalLM.from_pretrained(ref or self.path, dtype=compute_dtype(device)).to(device)
             self.ref.requires_grad_(False)
 
     def sample(self, prompts, n, temperature, max_tokens, seed):
@@ -989,12 +991,14 @@ def soar(cfg, probe=None):
                 shutil.rmtree(folder)
 
     engine = make_engine(cfg, cfg.model, tok)
-    student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device)
+    student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device,
+                     ref=cfg.model)
+    teacher_cfg = dataclasses.replace(cfg, kl_beta=cfg.teacher_kl_beta)  # its own KL penalty (the lab's: README)
     baseline_state = student.state()
     teacher = None
     if rank == 0:
-        teacher = moved(Policy(teacher_dir if resuming else cfg.model, cfg, engine, cfg.teacher_lr, device),
-                        torch.device("cpu"))
+        teacher = moved(Policy(teacher_dir if resuming else cfg.model, teacher_cfg, engine, cfg.teacher_lr, device,
+                               ref=cfg.model), torch.device("cpu"))
         if resuming:  # its Adam states go straight to the CPU
             load_trainer_state(teacher_dir, teacher)
 
@@ -1074,7 +1078,7 @@ def soar(cfg, probe=None):
             with timed("teacher_update"):
                 moved(student, torch.device("cpu"))
                 moved(teacher, device)
-                update = policy_update(teacher, rollouts, advantages, cfg)
+                update = policy_update(teacher, rollouts, advantages, teacher_cfg)
                 moved(teacher, torch.device("cpu"))
                 moved(student, device)
             phases = {p for part in gathered for p in part["times"]}
@@ -1119,6 +1123,7 @@ def log_step(run, cfg, step, rollouts, datasets, rewards, dataset_rewards, resul
         "inner_train_reward": [r.get("train_reward") for r in results],
         "parse_rate": parsed / len(rollouts), "promoted": best is not None,
         "promoted_dataset": best["k"] if best else None, "teacher_loss": update["loss"],
+        "teacher_kl_ref": update.get("kl_ref"),  # per token, to --model (only with --teacher_kl_beta)
         "teacher_tokens": update["tokens_trained"], "step_s": step_s,
         "time_s": {p: round(t, 4) for p, t in times.items()}})  # seconds per phase, summed over workers
 
@@ -1133,7 +1138,7 @@ def load_policy(cfg, path, data=(), budgets=("max_new_tokens",), teacher=False):
     """A command's model and tokenizer, once its prompts are known to fit (check_fits)."""
     tok = load_tokenizer(path)
     check_fits(cfg, tok, data, budgets, teacher)
-    return Policy(path, cfg, make_engine(cfg, path, tok), cfg.lr, device_for(0)), tok
+    return Policy(path, cfg, make_engine(cfg, path, tok), cfg.lr, device_for(0), ref=cfg.model), tok
 
 
 def evaluate(cfg):

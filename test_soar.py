@@ -1027,6 +1027,22 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     assert any(r["promoted"] for r in read_rows(whole / "metrics.jsonl"))
 
 
+def test_kl_references_stay_the_starting_model_across_a_resume(tiny, toy_train, tmp_path):
+    """--kl_beta and --teacher_kl_beta pull toward --model, also in a process that resumes from a
+    promoted baseline and a trained teacher (their weights are not the reference)."""
+    kl = ("--kl_beta", "0.05", "--teacher_kl_beta", "0.1", "--window", "1")
+    whole = read_rows(soar.soar(soar_config(tiny, toy_train, tmp_path / "whole", *kl, "--outer_steps", "3")) /
+                      "metrics.jsonl")
+    assert whole[0]["teacher_kl_ref"] == 0.0 < whole[2]["teacher_kl_ref"]  # the teacher starts as its reference
+    assert whole[1]["promoted"]  # the resumed process starts from a promoted student
+    soar.soar(soar_config(tiny, toy_train, tmp_path / "part", *kl, "--outer_steps", "2"))
+    soar.soar(soar.make_config(["--resume", str(tmp_path / "part"), "--outer_steps", "3"], "test"))
+    assert strip_times(read_rows(tmp_path / "part" / "metrics.jsonl")) == strip_times(whole)
+    from safetensors.torch import load_file
+    last = [load_file(tmp_path / run / "students" / "step_0002" / "model.safetensors") for run in ("whole", "part")]
+    assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])  # promoted from the resumed student
+
+
 # A child process whose teacher checkpoints wait until the next step has started (written in the
 # foreground, the run would stop there), and which is SIGKILLed half-way through the write that
 # commits step 2 (the weights written, nothing else), while step 2 runs.
