@@ -112,7 +112,7 @@ class Config:
     tau: float = 0.01               # [paper] promotion threshold on the moving average reward
     window: int = 3                 # [paper] moving-average window (outer steps)
     teacher_lr: float = 1e-6        # [ours]
-    teacher_kl_beta: float = 0.0    # [ours] the teacher's kl_beta, toward --model (the lab: 0.1)
+    teacher_kl_beta: float = 0.0    # [ours] the teacher's own kl_beta: anchors a fast teacher's answers (README)
     teacher_temperature: float = 1.0  # [ours]
     teacher_max_new_tokens: int = 512  # [ours] one problem and its answer fit easily
     parse_penalty: float = -0.1     # [ours] reward of an unparseable rollout: below a useless (R = 0) question
@@ -993,7 +993,7 @@ def soar(cfg, probe=None):
     engine = make_engine(cfg, cfg.model, tok)
     student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device,
                      ref=cfg.model)
-    teacher_cfg = dataclasses.replace(cfg, kl_beta=cfg.teacher_kl_beta)  # its own KL penalty (the lab's: README)
+    teacher_cfg = dataclasses.replace(cfg, kl_beta=cfg.teacher_kl_beta)  # its own KL penalty (README, the lab: why)
     baseline_state = student.state()
     teacher = None
     if rank == 0:
