@@ -802,6 +802,21 @@ def test_kl_penalty_to_a_frozen_reference(tiny):
                                                              torch.device("cpu")).ref.state_dict().values()))
 
 
+def test_a_command_resumed_from_a_checkpoint_keeps_model_as_its_kl_reference(tiny, tmp_path):
+    """`train` resumes from OUT/checkpoint: its weights load from there, its KL reference from --model."""
+    cfg = soar.make_config(["--model", str(tiny), "--kl_beta", "0.1"], "test")
+    trained, tok, _ = make_policy(tiny, lr=1e-2)
+    with torch.no_grad():
+        for p in trained.model.parameters():
+            p.add_(0.01)
+    trained.model.save_pretrained(tmp_path / "checkpoint")
+    tok.save_pretrained(tmp_path / "checkpoint")
+    policy, _ = soar.load_policy(cfg, tmp_path / "checkpoint")
+    start = soar.Policy(tiny, cfg, soar.HFEngine(tok), cfg.lr, torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in policy.ref.state_dict().items())
+    assert not torch.equal(policy.model.state_dict()["lm_head.weight"], start["lm_head.weight"])
+
+
 def test_train_command_writes_metrics_and_resumes(tiny, tmp_path):
     data = tmp_path / "toy.jsonl"
     soar.write_jsonl_atomic(data, [{"problem": f"What is {a}+1?", "answer": str(a + 1)} for a in range(5)])
