@@ -505,7 +505,7 @@ class Policy:
     optimizer step (autocast would recast every weight in every forward); each bf16 gradient is added
     to the fp32 master gradient when complete (README, memory plan: why fp32, and the sizes)."""
 
-    def __init__(self, path, cfg, engine, lr, device, ref=None):
+    def __init__(self, path, cfg, engine, lr, device):
         from transformers import AutoModelForCausalLM
         self.path, self.cfg, self.engine = str(path), cfg, engine
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(device)
@@ -522,9 +522,9 @@ class Policy:
                                            betas=(0.9, 0.999), fused=device.type == "cuda")  # [ours] defaults
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
         self.pinned = {}  # moved(): the CPU side of each tensor
-        self.ref = None   # the frozen reference for the KL penalty, only when kl_beta > 0
+        self.ref = None   # the frozen reference for the KL penalty (--model, also when resuming), if kl_beta > 0
         if cfg.kl_beta:
-            self.ref = AutoModelForCausalLM.from_pretrained(ref or self.path, dtype=compute_dtype(device)).to(device)
+            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=compute_dtype(device)).to(device)
             self.ref.requires_grad_(False)
 
     def sample(self, prompts, n, temperature, max_tokens, seed):
@@ -991,14 +991,13 @@ def soar(cfg, probe=None):
                 shutil.rmtree(folder)
 
     engine = make_engine(cfg, cfg.model, tok)
-    student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device,
-                     ref=cfg.model)
+    student = Policy(run / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, cfg.lr, device)
     teacher_cfg = dataclasses.replace(cfg, kl_beta=cfg.teacher_kl_beta)  # its own KL penalty (README, the lab: why)
     baseline_state = student.state()
     teacher = None
     if rank == 0:
-        teacher = moved(Policy(teacher_dir if resuming else cfg.model, teacher_cfg, engine, cfg.teacher_lr, device,
-                               ref=cfg.model), torch.device("cpu"))
+        teacher = moved(Policy(teacher_dir if resuming else cfg.model, teacher_cfg, engine, cfg.teacher_lr, device),
+                        torch.device("cpu"))
         if resuming:  # its Adam states go straight to the CPU
             load_trainer_state(teacher_dir, teacher)
 
@@ -1138,7 +1137,7 @@ def load_policy(cfg, path, data=(), budgets=("max_new_tokens",), teacher=False):
     """A command's model and tokenizer, once its prompts are known to fit (check_fits)."""
     tok = load_tokenizer(path)
     check_fits(cfg, tok, data, budgets, teacher)
-    return Policy(path, cfg, make_engine(cfg, path, tok), cfg.lr, device_for(0), ref=cfg.model), tok
+    return Policy(path, cfg, make_engine(cfg, path, tok), cfg.lr, device_for(0)), tok
 
 
 def evaluate(cfg):

@@ -44,7 +44,7 @@ def vllm_engine(tiny):
 
 
 def make_policy(tiny, engine=None, **overrides):
-    cfg = soar.make_config([], "test")
+    cfg = soar.make_config(["--model", str(tiny)], "test")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     tok = soar.load_tokenizer(tiny)
