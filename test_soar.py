@@ -1176,10 +1176,42 @@ def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
 # The lab: a world where SOAR's grounded reward is real (section 8)
 # ------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="session", autouse=True)
+def lab_model_build(request, tmp_path_factory):
+    """The lab model takes ~3.5 minutes to build on 2 cores, a third of the suite: when a selected
+    test needs it, a process builds it on one core from the session's start while the tests run on
+    the other (two processes of two threads each on two cores run far slower than one after the other)."""
+    if not any("lab_model" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    log = tmp_path_factory.mktemp("lab-build") / "build.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys, soar; soar.build_lab_model(sys.argv[1])",
+                                 str(HERE / "models" / "lab")], cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    build = {"proc": proc, "log": log, "threads": torch.get_num_threads()}
+    torch.set_num_threads(1)
+    yield build
+    proc.kill()  # a session that ends early does not wait for it (its partial copy is never in place)
+
+
+def both_cores_once_built(build):
+    if build and "threads" in build and build["proc"].poll() is not None:
+        torch.set_num_threads(build.pop("threads"))  # once: what a later test sets itself stays
+
+
+@pytest.fixture(autouse=True)
+def both_cores_once_the_lab_model_is_built(lab_model_build):
+    both_cores_once_built(lab_model_build)
+
+
 @pytest.fixture(scope="session")
-def lab_model():
-    """The lab's model, from its recipe (LAB): built once into models/lab (~3 minutes on 2 cores), as `./run.sh` does."""
-    return soar.build_lab_model(HERE / "models" / "lab")
+def lab_model(lab_model_build):
+    """The lab's model, from its recipe (LAB): built once into models/lab, as `./run.sh` does."""
+    proc, log = lab_model_build["proc"], lab_model_build["log"]
+    assert proc.wait() == 0, f"building the lab model failed:\n{log.read_text()[-3000:]}"
+    both_cores_once_built(lab_model_build)
+    return soar.build_lab_model(HERE / "models" / "lab")  # in place now: only checks its recipe
 
 
 def test_lab_world_is_exact_and_tiered(tmp_path):
