@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -1488,12 +1489,13 @@ def visible_gpu(i):
 
 
 def run_jobs(jobs, cfg):
-    """Run independent jobs (argv lists of this script) in parallel: one per GPU at a time, or without
-    GPUs cfg.cpu_jobs at a time as child processes of one thread each (1: in this process, in turn)."""
+    """Run independent jobs in parallel, each a list of commands of this script (argv lists) run in
+    turn: one job per GPU at a time, or without GPUs cfg.cpu_jobs at a time as child processes of one
+    thread each (1: in this process, in turn)."""
     import queue
-    n_gpu = torch.cuda.device_count()
+    n_gpu, jobs = torch.cuda.device_count(), [job for job in jobs if job]
     if not n_gpu and cfg.cpu_jobs <= 1:
-        for argv in jobs:
+        for argv in itertools.chain(*jobs):
             main(argv)
         return
     slots = [{"CUDA_VISIBLE_DEVICES": visible_gpu(g)} for g in range(n_gpu)]
@@ -1501,10 +1503,11 @@ def run_jobs(jobs, cfg):
     for slot in slots or [{"OMP_NUM_THREADS": "1"}] * cfg.cpu_jobs:  # small models: processes beat threads
         free.put(slot)
 
-    def run_in_a_free_slot(argv):
+    def run_in_a_free_slot(job):
         slot = free.get()
         try:
-            run_script(argv, env={**os.environ, **slot})
+            for argv in job:
+                run_script(argv, env={**os.environ, **slot})
         finally:
             free.put(slot)
 
@@ -1534,7 +1537,8 @@ def pipeline(cfg, preset):
            "shards", "curve_data"}  # set per job below (a later flag wins; a list flag would add up)
     base = ["--preset", preset, *user_flags(cfg, preset, own), "--model", cfg.model, "--out", str(root)]
     fil = lambda name, part: f"{root / 'filter' / name}_{part}.jsonl"
-    run = lambda jobs: run_jobs([argv for done, argv in jobs if not done], cfg)
+    run = lambda jobs: run_jobs([[argv for done, argv in (job if isinstance(job, list) else [job]) if not done]
+                                 for job in jobs], cfg)  # a job: (done, argv), or a list of them run in turn
     wanted = lambda *methods: bool(set(methods) & set(cfg.methods))
     # A folder holds one setting: a re-run skips finished work, so a changed flag would silently mix two
     # settings. Only what adds work of the same setting (--seeds, --methods) or where it runs may change.
@@ -1579,25 +1583,40 @@ def pipeline(cfg, preset):
                 "--curve_data", fil(name, "test"), "--data", *paths]
         return (committed_step(out / "checkpoint") >= cfg.steps, argv), str(out / "checkpoint")
 
-    # the trainings that need only the split: without GPUs they run beside SOAR, so no core waits for it
+    def evaluations(method, name, seed, model, note=""):  # pass@k on the fail@k test split of its dataset
+        # (and on OlympiadBench, the held-out transfer set, for models trained on MATH): [(done, argv)]
+        jobs = []
+        for test_set in [name] + ([cfg.transfer] if name == "math" else []):
+            out = root / "eval" / f"{method.replace(' ', '_')}_{test_set}_seed{seed}.json"
+            jobs.append((out.exists(), ["eval", *base, "--model", model, "--seed", str(cfg.seed + seed), "--data",
+                                        fil(test_set, "test"), "--output", str(out), "--method", method,
+                                        "--dataset", test_set] + (["--note", note] if note else [])))
+        return jobs
+
+    # what needs only the split: each training then its evaluations, in turn; the base model's evaluations.
+    # Without GPUs they run beside SOAR, so no core waits for it.
     split_only = lambda name: {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
                                upper[name]: [fil(name, "upper"), fil(name, "train")]}  # method -> its data
-    alone = [training(m, name, seed, paths)[0] for name in cfg.datasets for seed in range(cfg.seeds)
-             for m, paths in split_only(name).items() if wanted(m)]
+    alone = lambda: ([[job, *evaluations(m, name, seed, model)] for name in cfg.datasets for seed in range(cfg.seeds)
+                      for m, paths in split_only(name).items() if wanted(m)
+                      for job, model in [training(m, name, seed, paths)]] +
+                     [evaluations("Base", name, seed, cfg.model) for name in cfg.datasets for seed in range(cfg.seeds)
+                      if wanted("Base")])
     # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
     #    (soar_seeds runs each; the protocol's seed t uses run t % soar_seeds); without GPUs, as the jobs
     run_dir = lambda kind, name, s: root / (f"{kind}_{name}" + (f"_seed{s}" if cfg.soar_seeds > 1 else ""))
-    runs = [["soar", *base, "--data", fil(name, "train"), "--out", str(run_dir(kind, name, s)),
-             "--teacher_reward", reward, "--seed", str(cfg.seed + s)]
+    runs = [(committed_step(run_dir(kind, name, s) / "teacher") >= cfg.outer_steps or not wanted(*methods),
+             ["soar", *base, "--data", fil(name, "train"), "--out", str(run_dir(kind, name, s)),
+              "--teacher_reward", reward, "--seed", str(cfg.seed + s)])
             for name in cfg.datasets for s in range(cfg.soar_seeds)
             for kind, reward, methods in (("soar", "grounded", ["SOAR-PS", "SOAR-PQ"]),
-                                          ("intrinsic", "learnability", ["Intrinsic-T"]))
-            if committed_step(run_dir(kind, name, s) / "teacher") < cfg.outer_steps and wanted(*methods)]
+                                          ("intrinsic", "learnability", ["Intrinsic-T"]))]
     if n_gpu:  # each a process of its own, so its vLLM engines and GPU memory end with it
-        for argv in runs:
-            run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
+        for done, argv in runs:
+            if not done:
+                run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
     else:
-        run_jobs(runs + [argv for done, argv in alone if not done], cfg)
+        run(runs + alone())
     # 4. what the protocol trains on besides: Intrinsic-T's questions, the promoted student (PS)
     soar_runs = [(name, s) for name in cfg.datasets for s in range(cfg.soar_seeds)]
     run([((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
@@ -1606,39 +1625,26 @@ def pipeline(cfg, preset):
         [((run_dir("soar", n, s) / "promoted_student.json").exists() or not wanted("SOAR-PS", "SOAR-PQ"),
           ["select_ps", *base, "--out", str(run_dir("soar", n, s)), "--data", fil(n, "val"),
            "--curve_data", fil(n, "test")]) for n, s in soar_runs])
-    trainings, models = [], []  # models: (method, dataset, seed, model folder, note) to evaluate
+    # 5. the rest of the protocol: each training then its evaluations, in turn (and what the GPUs could
+    #    not run beside SOAR)
+    chains = []
     for name in cfg.datasets:
         hard_only = "so it trained on the hard split alone: Hard-Only under another name"
         for seed in range(cfg.seeds):
             soar_run, intrinsic = run_dir("soar", name, seed % cfg.soar_seeds), run_dir("intrinsic", name, seed % cfg.soar_seeds)
             pq, questions = soar_run / "promotion_questions.jsonl", intrinsic / "questions.jsonl"
-            methods = {**split_only(name), "SOAR-PQ": [str(pq), fil(name, "train")],
-                       "Intrinsic-T": [str(questions), fil(name, "train")]}
-            ps = json.loads((soar_run / "promoted_student.json").read_text())["best"] if wanted("SOAR-PS") else None
-            notes = {"SOAR-PQ": f"degenerate: no promotion in {soar_run.name}, {hard_only}"
-                     if wanted("SOAR-PQ") and not read_jsonl(pq, ()) else "",
-                     "Intrinsic-T": f"degenerate: no parseable question from the teacher, {hard_only}"
-                     if wanted("Intrinsic-T") and not read_jsonl(questions, ()) else "",
-                     "SOAR-PS": f"degenerate: no promotion in {soar_run.name}, so PS is the base model"
-                     if ps == cfg.model else ""}
-            models += [(m, name, seed, model, notes.get(m, "")) for m, model in (("Base", cfg.model), ("SOAR-PS", ps))
-                       if wanted(m)]
-            for method, paths in methods.items():
+            if wanted("SOAR-PS"):
+                ps = json.loads((soar_run / "promoted_student.json").read_text())["best"]
+                chains.append(evaluations("SOAR-PS", name, seed, ps, f"degenerate: no promotion in {soar_run.name}, "
+                                          "so PS is the base model" if ps == cfg.model else ""))
+            for method, paths, degenerate in (
+                    ("SOAR-PQ", [str(pq), fil(name, "train")], f"no promotion in {soar_run.name}"),
+                    ("Intrinsic-T", [str(questions), fil(name, "train")], "no parseable question from the teacher")):
                 if wanted(method):
                     job, model = training(method, name, seed, paths)
-                    trainings.append(job)
-                    models.append((method, name, seed, model, notes.get(method, "")))
-    # 5. the trainings of the protocol, then pass@k on the fail@k test split of their dataset (and
-    #    on OlympiadBench, the held-out transfer set, for models trained on MATH)
-    run(trainings)
-    evals = []
-    for method, name, seed, model, note in models:
-        for test_set in [name] + ([cfg.transfer] if name == "math" else []):
-            out = root / "eval" / f"{method.replace(' ', '_')}_{test_set}_seed{seed}.json"
-            evals.append((out.exists(), ["eval", *base, "--model", model, "--seed", str(cfg.seed + seed), "--data",
-                                         fil(test_set, "test"), "--output", str(out), "--method", method,
-                                         "--dataset", test_set] + (["--note", note] if note else [])))
-    run(evals)
+                    note = f"degenerate: {degenerate}, {hard_only}" if not read_jsonl(paths[0], ()) else ""
+                    chains.append([job, *evaluations(method, name, seed, model, note)])
+    run(chains + alone())
     # 6. the report
     print(render_report([root], root / "report"))
     print(f"the report, its plots and results.json: {root / 'report'}")
