@@ -1581,6 +1581,34 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts} == stamp
 
 
+def test_run_jobs_runs_a_jobs_commands_in_turn_and_the_jobs_side_by_side(monkeypatch):
+    """Without GPUs, cpu_jobs jobs at a time, each in a process of one thread per command; a job's
+    commands (a training, then the evaluations of its model) in turn; a failure ends the run with
+    its exit status, and the failed job's later commands never start."""
+    events, lock = [], threading.Lock()
+
+    def run_script(argv, launcher=(), env=None):  # stands in for the child process: records its span
+        with lock:
+            events.append(("start", argv[0], env["OMP_NUM_THREADS"]))
+        time.sleep(0.3)
+        with lock:
+            events.append(("end", argv[0]))
+        if argv[0] == "fail":
+            raise SystemExit(3)
+
+    monkeypatch.setattr(soar, "run_script", run_script)
+    cfg = soar.make_config(["--cpu_jobs", "2"], "test")
+    soar.run_jobs([[["train-a"], ["eval-a"]], [], [["eval-b"]]], cfg)
+    at = {(e[0], e[1]): i for i, e in enumerate(events)}
+    assert len(events) == 6 and all(e[2] == "1" for e in events if e[0] == "start")
+    assert at["end", "train-a"] < at["start", "eval-a"]  # in turn
+    assert at["start", "eval-b"] < at["end", "train-a"]  # side by side
+    events.clear()
+    with pytest.raises(SystemExit) as failed:
+        soar.run_jobs([[["fail"], ["eval-after"]], [["other"]]], cfg)
+    assert failed.value.code == 3 and ("start", "eval-after", "1") not in events
+
+
 def test_pipeline_refuses_a_folder_made_with_other_flags(tmp_path):
     """A re-run skips finished work, so a folder keeps the setting it was made with: a changed flag is
     one line naming it, before any work; more seeds or methods are more work of the same setting."""
