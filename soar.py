@@ -34,7 +34,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -1495,7 +1494,7 @@ def run_jobs(jobs, cfg):
     import queue
     n_gpu, jobs = torch.cuda.device_count(), [job for job in jobs if job]
     if not n_gpu and cfg.cpu_jobs <= 1:
-        for argv in itertools.chain(*jobs):
+        for argv in sum(jobs, []):
             main(argv)
         return
     slots = [{"CUDA_VISIBLE_DEVICES": visible_gpu(g)} for g in range(n_gpu)]
@@ -1605,18 +1604,17 @@ def pipeline(cfg, preset):
     # 3. SOAR and Intrinsic-T on each dataset's fail@k train split, one run at a time over all GPUs
     #    (soar_seeds runs each; the protocol's seed t uses run t % soar_seeds); without GPUs, as the jobs
     run_dir = lambda kind, name, s: root / (f"{kind}_{name}" + (f"_seed{s}" if cfg.soar_seeds > 1 else ""))
-    runs = [(committed_step(run_dir(kind, name, s) / "teacher") >= cfg.outer_steps or not wanted(*methods),
-             ["soar", *base, "--data", fil(name, "train"), "--out", str(run_dir(kind, name, s)),
-              "--teacher_reward", reward, "--seed", str(cfg.seed + s)])
+    runs = [["soar", *base, "--data", fil(name, "train"), "--out", str(run_dir(kind, name, s)),
+             "--teacher_reward", reward, "--seed", str(cfg.seed + s)]
             for name in cfg.datasets for s in range(cfg.soar_seeds)
             for kind, reward, methods in (("soar", "grounded", ["SOAR-PS", "SOAR-PQ"]),
-                                          ("intrinsic", "learnability", ["Intrinsic-T"]))]
+                                          ("intrinsic", "learnability", ["Intrinsic-T"]))
+            if committed_step(run_dir(kind, name, s) / "teacher") < cfg.outer_steps and wanted(*methods)]
     if n_gpu:  # each a process of its own, so its vLLM engines and GPU memory end with it
-        for done, argv in runs:
-            if not done:
-                run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
+        for argv in runs:
+            run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
     else:
-        run(runs + alone())
+        run([(False, argv) for argv in runs] + alone())
     # 4. what the protocol trains on besides: Intrinsic-T's questions, the promoted student (PS)
     soar_runs = [(name, s) for name in cfg.datasets for s in range(cfg.soar_seeds)]
     run([((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
