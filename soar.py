@@ -1536,8 +1536,7 @@ def pipeline(cfg, preset):
            "shards", "curve_data"}  # set per job below (a later flag wins; a list flag would add up)
     base = ["--preset", preset, *user_flags(cfg, preset, own), "--model", cfg.model, "--out", str(root)]
     fil = lambda name, part: f"{root / 'filter' / name}_{part}.jsonl"
-    run = lambda jobs: run_jobs([[argv for done, argv in (job if isinstance(job, list) else [job]) if not done]
-                                 for job in jobs], cfg)  # a job: (done, argv), or a list of them run in turn
+    run = lambda jobs: run_jobs([[argv for done, argv in job if not done] for job in jobs], cfg)  # job: [(done, argv)]
     wanted = lambda *methods: bool(set(methods) & set(cfg.methods))
     # A folder holds one setting: a re-run skips finished work, so a changed flag would silently mix two
     # settings. Only what adds work of the same setting (--seeds, --methods) or where it runs may change.
@@ -1557,8 +1556,8 @@ def pipeline(cfg, preset):
                ["max_new_tokens", "eval_max_new_tokens"], teacher=True)
     # 2. fail@k of the base model, one shard per GPU: data/<name> -> filter/<name>_{counts,train,val,test}
     shards = n_gpu or cfg.cpu_jobs
-    run([(Path(fil(name, "test")).exists(), ["filter", *base, "--dataset", name, "--data", *files[name],
-                                             "--shard", str(i), "--shards", str(shards)])
+    run([[(Path(fil(name, "test")).exists(), ["filter", *base, "--dataset", name, "--data", *files[name],
+                                              "--shard", str(i), "--shards", str(shards)])]
          for name in names for i in range(shards)])
     for name in names:  # the split, once every shard has counted (no sampling happens here)
         if not Path(fil(name, "test")).exists():
@@ -1593,7 +1592,7 @@ def pipeline(cfg, preset):
         return jobs
 
     # what needs only the split: each training then its evaluations, in turn; the base model's evaluations.
-    # Without GPUs they run beside SOAR, so no core waits for it.
+    # Without GPUs they run beside SOAR, so no core waits for it. A function: it reads what is done.
     split_only = lambda name: {"Hard-Only": [fil(name, "train")], "Hard-Only-4x": [fil(name, "train")],
                                upper[name]: [fil(name, "upper"), fil(name, "train")]}  # method -> its data
     alone = lambda: ([[job, *evaluations(m, name, seed, model)] for name in cfg.datasets for seed in range(cfg.seeds)
@@ -1614,15 +1613,15 @@ def pipeline(cfg, preset):
         for argv in runs:
             run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
     else:
-        run([(False, argv) for argv in runs] + alone())
+        run([[(False, argv)] for argv in runs] + alone())
     # 4. what the protocol trains on besides: Intrinsic-T's questions, the promoted student (PS)
     soar_runs = [(name, s) for name in cfg.datasets for s in range(cfg.soar_seeds)]
-    run([((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
-          ["questions", *base, "--model", str(run_dir("intrinsic", n, s) / "teacher"), "--seed", str(cfg.seed + s),
-           "--output", str(run_dir("intrinsic", n, s) / "questions.jsonl")]) for n, s in soar_runs] +
-        [((run_dir("soar", n, s) / "promoted_student.json").exists() or not wanted("SOAR-PS", "SOAR-PQ"),
-          ["select_ps", *base, "--out", str(run_dir("soar", n, s)), "--data", fil(n, "val"),
-           "--curve_data", fil(n, "test")]) for n, s in soar_runs])
+    run([[((run_dir("intrinsic", n, s) / "questions.jsonl").exists() or not wanted("Intrinsic-T"),
+           ["questions", *base, "--model", str(run_dir("intrinsic", n, s) / "teacher"), "--seed", str(cfg.seed + s),
+            "--output", str(run_dir("intrinsic", n, s) / "questions.jsonl")])] for n, s in soar_runs] +
+        [[((run_dir("soar", n, s) / "promoted_student.json").exists() or not wanted("SOAR-PS", "SOAR-PQ"),
+           ["select_ps", *base, "--out", str(run_dir("soar", n, s)), "--data", fil(n, "val"),
+            "--curve_data", fil(n, "test")])] for n, s in soar_runs])
     # 5. the rest of the protocol: each training then its evaluations, in turn (and what the GPUs could
     #    not run beside SOAR)
     chains = []
