@@ -1988,11 +1988,14 @@ def lab_world(folder, seed=0):
 
 
 def build_lab_model(folder, seed=0):
-    """The lab model (once, ~3 minutes on 2 cores; cached in folder, with the LAB recipe it was built
-    from and a sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer
-    is the character tokenizer with the two fixed instructions and the chat markers as single tokens
-    (the model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
-    alternate between the formats (mixing them in one batch pads badly)."""
+    """The lab model (once, ~3 minutes; cached in folder, with the LAB recipe it was built from and a
+    sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer is the
+    character tokenizer with the two fixed instructions and the chat markers as single tokens (the
+    model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
+    alternate between the formats (mixing them in one batch pads badly). Built on one thread on any
+    machine: on two, float sums round otherwise, 800 steps carry that into another model, and
+    another model is another world (README, the lab: on 2 threads 61 of the 300 K = 7 problems are
+    solved in 128 samples, not 3). The CPU's vector instructions change the sums too (README)."""
     def sample(rng, step):
         teacher = step % 2 == 1
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
@@ -2000,14 +2003,19 @@ def build_lab_model(folder, seed=0):
             (STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
     world = [lab_problem(random.Random(0), k) for k in LAB["teacher_k"]]  # a changed lab_problem changes these
     folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("student_k", "teacher_k", "warmup_steps")}
-                                              | {"seed": seed, "world": world})
+                                              | {"seed": seed, "threads": 1, "world": world})
     if not (folder / "lab.json").exists() or (folder / "lab.json").read_text() != recipe:
         shutil.rmtree(folder, ignore_errors=True)
         tok = char_tokenizer()
         tok.add_tokens([STUDENT_PROMPT.format(problem=""), TEACHER_PROMPT, "user: ", "\nassistant: "])
-        print(f"building the lab model in {folder} (once, about 3 minutes on 2 cores)")
-        small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True, seed=seed,
-                    files={"lab.json": recipe})  # a model without its recipe is never in place
+        print(f"building the lab model in {folder} (once, about 3 minutes on one thread)")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True,
+                        seed=seed, files={"lab.json": recipe})  # a model without its recipe is never in place
+        finally:
+            torch.set_num_threads(threads)
     return folder
 
 

@@ -1187,8 +1187,7 @@ def lab_model_build(request, tmp_path_factory):
     log = tmp_path_factory.mktemp("lab-build") / "build.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", "import sys, soar; soar.build_lab_model(sys.argv[1])",
-                                 str(HERE / "models" / "lab")], cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                 str(HERE / "models" / "lab")], cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
     build = {"proc": proc, "log": log, "threads": torch.get_num_threads()}
     torch.set_num_threads(1)
     yield build
@@ -1212,6 +1211,22 @@ def lab_model(lab_model_build):
     assert proc.wait() == 0, f"building the lab model failed:\n{log.read_text()[-3000:]}"
     both_cores_once_built(lab_model_build)
     return soar.build_lab_model(HERE / "models" / "lab")  # in place now: only checks its recipe
+
+
+def test_lab_model_is_the_same_whatever_the_thread_count(tmp_path, monkeypatch):
+    """The lab's world is its model: built where torch has 1 thread or 2, the same bytes (the build
+    runs on one thread; on two, float sums round otherwise and the model drifts), and the caller's
+    thread count is given back."""
+    monkeypatch.setitem(soar.LAB, "warmup_steps", 6)  # a short build: the bytes part at its first steps
+    threads, built = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            built.append((soar.build_lab_model(tmp_path / f"threads{n}") / "model.safetensors").read_bytes())
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    assert built[0] == built[1]
 
 
 def test_lab_world_is_exact_and_tiered(tmp_path):
