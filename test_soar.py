@@ -1178,9 +1178,10 @@ def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
 
 @pytest.fixture(scope="session", autouse=True)
 def lab_model_build(request, tmp_path_factory):
-    """The lab model takes ~3.5 minutes to build on 2 cores, a third of the suite: when a selected
-    test needs it, a process builds it on one core from the session's start while the tests run on
-    the other (two processes of two threads each on two cores run far slower than one after the other)."""
+    """The lab model takes ~3 minutes to build (on one thread, whatever the machine), a third of the
+    suite: when a selected test needs it, a process builds it from the session's start while the
+    tests run on the other core (two processes of two threads each on two cores run far slower than
+    one after the other)."""
     if not any("lab_model" in item.fixturenames for item in request.session.items):
         yield None
         return
