@@ -1738,7 +1738,8 @@ def render_report(run_dirs, out_dir):
     except ImportError:
         plt = None
     results, notes = {}, {}  # (dataset, method) -> one dict of pass@k and greedy accuracy per seed; a remark
-    for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}):
+    seed_order = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]  # seed10 after seed9
+    for f in sorted({p.resolve() for d in run_dirs for p in Path(d).glob("**/eval/*.json")}, key=seed_order):
         r = json.loads(f.read_text())
         if not all(k in r for k in ("method", "dataset", "pass_at_k")):
             raise UserError(f"{f}: an eval result needs the fields method, dataset, pass_at_k")

@@ -1527,6 +1527,17 @@ def test_report_table_and_claims(tmp_path):
     assert "| harp | SOAR-PQ / Base | 1 | ~2x | - |" in text
 
 
+def test_report_lists_the_seeds_values_in_seed_order(tmp_path):
+    for seed in range(12):  # the pipeline's names: seed10 sorts before seed2 as text
+        soar.write_json_atomic(tmp_path / "run" / "eval" / f"Hard-Only_lab_seed{seed}.json", {
+            "method": "Hard-Only", "dataset": "lab", "seed": seed, "greedy_acc": seed / 100,
+            "pass_at_k": {"1": seed / 100, "8": seed / 50}})
+    soar.render_report([tmp_path / "run"], tmp_path / "report")
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results == {"Hard-Only": {"pass@1": [s / 100 for s in range(12)], "pass@8": [s / 50 for s in range(12)],
+                                     "greedy": [s / 100 for s in range(12)]}}
+
+
 def test_report_says_when_a_method_degenerated(tmp_path):
     note = "degenerate: no promotion in soar_math, so it trained on the hard split alone: Hard-Only under another name"
     for method, extra in (("Base", {}), ("Hard-Only", {}), ("SOAR-PQ", {"note": note})):
