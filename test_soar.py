@@ -1214,20 +1214,19 @@ def lab_model(lab_model_build):
     return soar.build_lab_model(HERE / "models" / "lab")  # in place now: only checks its recipe
 
 
-def test_lab_model_is_the_same_whatever_the_thread_count(tmp_path, monkeypatch):
+def test_lab_model_is_the_same_whatever_the_thread_count(tmp_path):
     """The lab's world is its model: built where torch has 1 thread or 2, the same bytes (the build
     runs on one thread; on two, float sums round otherwise and the model drifts), and the caller's
-    thread count is given back."""
-    monkeypatch.setitem(soar.LAB, "warmup_steps", 6)  # a short build: the bytes part at its first steps
-    threads, built = torch.get_num_threads(), []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            built.append((soar.build_lab_model(tmp_path / f"threads{n}") / "model.safetensors").read_bytes())
-            assert torch.get_num_threads() == n
-    finally:
-        torch.set_num_threads(threads)
-    assert built[0] == built[1]
+    thread count is given back. In fresh processes: once vLLM has run in this one, torch keeps its
+    thread count."""
+    script = ("import sys, torch, soar; n = int(sys.argv[2]); torch.set_num_threads(n); "
+              "soar.LAB['warmup_steps'] = 6; soar.build_lab_model(sys.argv[1]); "  # a short build: bytes part at once
+              "assert torch.get_num_threads() == n, torch.get_num_threads()")
+    for n in (1, 2):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"threads{n}"), str(n)], cwd=HERE, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert (tmp_path / "threads1" / "model.safetensors").read_bytes() == \
+        (tmp_path / "threads2" / "model.safetensors").read_bytes()
 
 
 def test_lab_world_is_exact_and_tiered(tmp_path):
