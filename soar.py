@@ -1993,10 +1993,9 @@ def build_lab_model(folder, seed=0):
     sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer is the
     character tokenizer with the two fixed instructions and the chat markers as single tokens (the
     model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
-    alternate between the formats (mixing them in one batch pads badly). Built on one thread on any
-    machine: on two, float sums round otherwise, 800 steps carry that into another model, and
-    another model is another world (README, the lab: on 2 threads 61 of the 300 K = 7 problems are
-    solved in 128 samples, not 3). The CPU's vector instructions change the sums too (README)."""
+    alternate between the formats (mixing them in one batch pads badly). On one thread everywhere:
+    on two, float sums round otherwise and 800 steps make that another model, another world (README,
+    the lab: 61 of the 300 K = 7 problems solved in 128 samples, not 11); so do other CPUs."""
     def sample(rng, step):
         teacher = step % 2 == 1
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
