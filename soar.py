@@ -1960,9 +1960,21 @@ def build_tiny_model(folder, seed=0):
 # sum's answers crowd near its mean, so a student that cannot add still guesses right by chance
 # (README: how the world was chosen). Nothing tells the teacher the tiers; D_train and D_test come
 # from `filter` (fail@128) on the hard tier (K = 7); the oracle curriculum is RL on the tier below
-# (K = 6) with correct answers.
+# (K = 6) with correct answers. The world needs a hard tier, and how hard K = 7 comes out depends on
+# the warm-up's draw: warmup_seed is the first seed whose base student leaves at least 95% of the 300
+# K = 7 problems unsolved in 128 samples (seeds 0, 1, 2: 245, 259, 294 unsolved; README, the lab).
 LAB = dict(student_k={1: 4, 2: 4, 3: 4, 4: 4, 5: 1}, teacher_k=tuple(range(1, 9)), hard_k=(7,), oracle_k=(6,),  # [ours]
-           hard_problems=300, oracle_problems=400, warmup_steps=800)
+           hard_problems=300, oracle_problems=400, warmup_steps=800, warmup_seed=2)
+# [ours] The lab's world is its model, and 800 warm-up steps carry a float's last bit into another
+# model (README, the lab). So on the CPU every lab process runs torch's AVX2 kernels and MKL's strict
+# reproducible AVX2 path: then the build gives the same bytes on 1 thread or 16, and with MKL kept to
+# AVX2 as on a CPU without AVX-512 (measured; test_soar). Set before the process starts: torch and MKL
+# read them once. Other CPUs (ARM, no MKL) make another world.
+LAB_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+def on_lab_cpu():
+    return all(os.environ.get(k) == v for k, v in LAB_CPU.items())
 
 
 def lab_problem(rng, k):
@@ -1988,35 +2000,35 @@ def lab_world(folder, seed=0):
     return files
 
 
-def build_lab_model(folder, seed=0):
+def build_lab_model(folder, seed=LAB["warmup_seed"], steps=LAB["warmup_steps"]):
     """The lab model (once, ~3 minutes; cached in folder, with the LAB recipe it was built from and a
     sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer is the
     character tokenizer with the two fixed instructions and the chat markers as single tokens (the
     model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
-    alternate between the formats (mixing them in one batch pads badly). On one thread everywhere:
-    on two, float sums round otherwise and 800 steps make that another model, another world (README,
-    the lab: 61 of the 300 K = 7 problems solved in 128 samples, not 11); so do other CPUs."""
+    alternate between the formats (mixing them in one batch pads badly). Built in a child process
+    on LAB_CPU when this one is not on it."""
     def sample(rng, step):
         teacher = step % 2 == 1
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
         return (TEACHER_PROMPT, f"Question: {p['problem']}\nAnswer: \\boxed{{{p['answer']}}}") if teacher else \
             (STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
     world = [lab_problem(random.Random(0), k) for k in LAB["teacher_k"]]  # a changed lab_problem changes these
-    folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("student_k", "teacher_k", "warmup_steps")}
-                                              | {"seed": seed, "threads": 1, "world": world})
-    if not (folder / "lab.json").exists() or (folder / "lab.json").read_text() != recipe:
-        shutil.rmtree(folder, ignore_errors=True)
-        tok = char_tokenizer()
-        tok.add_tokens([STUDENT_PROMPT.format(problem=""), TEACHER_PROMPT, "user: ", "\nassistant: "])
-        print(f"building the lab model in {folder} (once, about 3 minutes on one thread)")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            small_llama(folder, tok, sample, LAB["warmup_steps"], hidden=128, layers=3, batch=64, decay=True,
-                        seed=seed, files={"lab.json": recipe})  # a model without its recipe is never in place
-        finally:
-            torch.set_num_threads(threads)
-    return folder
+    folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("student_k", "teacher_k")}
+                                              | {"warmup_steps": steps, "seed": seed, "cpu": LAB_CPU, "world": world})
+    if (folder / "lab.json").exists() and (folder / "lab.json").read_text() == recipe:
+        return folder
+    if not on_lab_cpu():
+        import subprocess
+        subprocess.run([sys.executable, "-c", "import sys, soar; soar.build_lab_model(sys.argv[1], *map(int, sys.argv[2:]))",
+                        str(Path(folder).resolve()), str(seed), str(steps)], cwd=Path(__file__).parent, env={**os.environ, **LAB_CPU},
+                       check=True)
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    tok = char_tokenizer()
+    tok.add_tokens([STUDENT_PROMPT.format(problem=""), TEACHER_PROMPT, "user: ", "\nassistant: "])
+    print(f"building the lab model in {folder} (once, about 2 minutes on 2 cores)")
+    return small_llama(folder, tok, sample, steps, hidden=128, layers=3, batch=64, decay=True,
+                       seed=seed, files={"lab.json": recipe})  # a model without its recipe is never in place
 
 
 def bench(cfg):
@@ -2269,6 +2281,8 @@ def main(argv):
         cfg.model = str(build_tiny_model(Path(cfg.out).parent / "tiny-model"))
     if cfg.model == PRESETS["demo"]["model"]:
         convert_smollm2(cfg.model)
+    if preset == "lab" and not on_lab_cpu() and not torch.cuda.is_available():
+        return run_script(argv, env={**os.environ, **LAB_CPU})  # this command again, on LAB_CPU
     if cfg.model == PRESETS["lab"]["model"]:
         build_lab_model(cfg.model)
     if cfg.model == "random-llama-3b":
