@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The two commands (see README):
 #   ./run.sh         set up on first use, then: without a GPU, one seed of the lab (SOAR against
-#                    Hard-Only and the oracle curriculum: 4-8 min by the machine, + ~3 min once to
+#                    Hard-Only and the oracle curriculum: 4-10 min by the machine, + ~2 min once to
 #                    build the lab model); with GPUs, the paper pipeline
 #   ./run.sh test    set up what the tests need, then run test_soar.py
-# Also: ./run.sh lab (all methods, 3 seeds, 12-30 minutes) | demo (SmolLM2 through vLLM) | paper | setup
+# Also: ./run.sh lab (all methods, 3 seeds, 16-35 minutes) | demo (SmolLM2 through vLLM) | paper | setup
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}

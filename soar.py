@@ -1954,8 +1954,8 @@ def build_tiny_model(folder, seed=0):
 # model is a 0.8M-parameter Llama warmed up from scratch the way a pretrained LM is made: on *text*
 # of problems with their answers, "Question: Sort ...\nAnswer: \boxed{...}" (the teacher's format),
 # K up to 8, and instruction-tuned as a solver (the student's format) only up to K = 5 (K = 5
-# rarely). Measured (README, the lab): as a student it solves K <= 5, K = 6 in 4% of samples and
-# K = 7 in 1 of 1,500; as a writer it spreads its questions over K = 1..8 and their answers are
+# rarely). Measured (README, the lab): as a student it solves K <= 5, K = 6 in 12% of samples and
+# K = 7 in none of 1,536; as a writer it spreads its questions over K = 1..8 and their answers are
 # right. A model that can write problems it cannot solve: the paper's premise. Sorting, not sums: a
 # sum's answers crowd near its mean, so a student that cannot add still guesses right by chance
 # (README: how the world was chosen). Nothing tells the teacher the tiers; D_train and D_test come
@@ -2001,12 +2001,12 @@ def lab_world(folder, seed=0):
 
 
 def build_lab_model(folder, seed=LAB["warmup_seed"], steps=LAB["warmup_steps"]):
-    """The lab model (once, ~3 minutes; cached in folder, with the LAB recipe it was built from and a
-    sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer is the
-    character tokenizer with the two fixed instructions and the chat markers as single tokens (the
-    model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
-    alternate between the formats (mixing them in one batch pads badly). Built in a child process
-    on LAB_CPU when this one is not on it."""
+    """The lab model (once, ~2 minutes on 2 cores; cached in folder, with the LAB recipe it was built
+    from and a sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer
+    is the character tokenizer with the two fixed instructions and the chat markers as single tokens
+    (the model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
+    alternate between the formats (mixing them in one batch pads badly). Built in a child process on
+    LAB_CPU when this one is not on it."""
     def sample(rng, step):
         teacher = step % 2 == 1
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
