@@ -2020,7 +2020,7 @@ def build_lab_model(folder, seed=LAB["warmup_seed"], steps=LAB["warmup_steps"]):
     if not on_lab_cpu():
         import subprocess
         subprocess.run([sys.executable, "-c", "import sys, soar; soar.build_lab_model(sys.argv[1], *map(int, sys.argv[2:]))",
-                        str(Path(folder).resolve()), str(seed), str(steps)], cwd=Path(__file__).parent, env={**os.environ, **LAB_CPU},
+                        str(folder.resolve()), str(seed), str(steps)], cwd=Path(__file__).parent, env={**os.environ, **LAB_CPU},
                        check=True)
         return folder
     shutil.rmtree(folder, ignore_errors=True)
