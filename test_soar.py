@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -1281,6 +1282,41 @@ def test_lab_soar_learns(lab_model, tmp_path):
     assert base == 0.0 and soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens) > 0.0
 
 
+def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkeypatch):
+    """The outer loop's teacher update (the parse penalty, RLOO across datasets, the policy-gradient
+    step) on the real lab teacher, with the student's measurement replaced by a reward the test
+    knows: R(X_k) = the share of X_k's questions with long digit strings (K >= 6), or with short ones.
+    The teacher must move toward what it is paid for, one way and the other. (Promotions are off:
+    no student is trained; README, the lab: this control at the preset's lr, and why the grounded
+    reward moves the teacher less.)"""
+    datasets = {}
+
+    def written(teacher, tok, cfg, step):  # the step's datasets, for the reward below
+        rollouts, datasets["now"] = real_teacher_datasets(teacher, tok, cfg, step)
+        return rollouts, datasets["now"]
+
+    long_ = lambda q: (soar.lab_solve(q["problem"]) or (0,))[0] >= 6
+    real_teacher_datasets = soar.teacher_datasets
+    monkeypatch.setattr(soar, "teacher_datasets", written)
+    monkeypatch.setattr(soar, "inner_loop", lambda student, tok, dataset, q_r, cfg, step, k, repeat, probe:
+                        {"k": k, "repeat": repeat, "acc": 0.0})
+    soar.write_jsonl_atomic(tmp_path / "hard.jsonl", [soar.lab_problem(random.Random(0), 7)])  # Q_R: unused
+    shares = {}
+    for paid in (True, False):
+        monkeypatch.setattr(soar, "teacher_rewards", lambda results, base_acc, cfg: [
+            sum(long_(q) == paid for q in ds) / max(len(ds), 1) for ds in datasets["now"]])
+        cfg = soar.make_config(["--model", str(lab_model), "--data", str(tmp_path / "hard.jsonl"), "--out",
+                                str(tmp_path / str(paid)), "--outer_steps", "12", "--teacher_lr", "3e-4",
+                                "--tau", "100"], "lab")
+        run = soar.soar(cfg)
+        steps = [read_rows(f) for f in sorted((run / "questions").glob("step_*.jsonl"))]
+        share = lambda part: statistics.fmean(long_({"problem": q["question"] or ""}) for s in part for q in s
+                                              if q["parsed"])
+        shares[paid] = share(steps[:3]), share(steps[-3:])
+    (first_long, last_long), (first_short, last_short) = shares[True], shares[False]
+    assert last_long > first_long + 0.1 and last_short < first_short - 0.1, shares
+
+
 # ------------------------------------------------------------------------------------------------
 # The paper's pipeline: prepare, fail@k, the protocol end to end, the report
 # ------------------------------------------------------------------------------------------------
@@ -1505,7 +1541,6 @@ def test_question_diversity():
 
 
 def test_report_table_and_claims(tmp_path):
-    import statistics
     for seed, (p1, p32) in enumerate([(0.1, 0.3), (0.2, 0.4), (0.3, 0.5)]):
         soar.write_json_atomic(tmp_path / "run" / "eval" / f"base{seed}.json", {
             "method": "Base", "dataset": "math", "seed": seed, "greedy_acc": p1,
