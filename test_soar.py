@@ -1289,14 +1289,13 @@ def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkey
     The teacher must move toward what it is paid for, one way and the other. (Promotions are off:
     no student is trained; README, the lab: this control at the preset's lr, and why the grounded
     reward moves the teacher less.)"""
-    datasets = {}
+    datasets, real_teacher_datasets = {}, soar.teacher_datasets
+    is_long = lambda q: (soar.lab_solve(q["problem"]) or (0,))[0] >= 6
 
     def written(teacher, tok, cfg, step):  # the step's datasets, for the reward below
         rollouts, datasets["now"] = real_teacher_datasets(teacher, tok, cfg, step)
         return rollouts, datasets["now"]
 
-    long_ = lambda q: (soar.lab_solve(q["problem"]) or (0,))[0] >= 6
-    real_teacher_datasets = soar.teacher_datasets
     monkeypatch.setattr(soar, "teacher_datasets", written)
     monkeypatch.setattr(soar, "inner_loop", lambda student, tok, dataset, q_r, cfg, step, k, repeat, probe:
                         {"k": k, "repeat": repeat, "acc": 0.0})
@@ -1304,13 +1303,13 @@ def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkey
     shares = {}
     for paid in (True, False):
         monkeypatch.setattr(soar, "teacher_rewards", lambda results, base_acc, cfg: [
-            sum(long_(q) == paid for q in ds) / max(len(ds), 1) for ds in datasets["now"]])
+            sum(is_long(q) == paid for q in ds) / max(len(ds), 1) for ds in datasets["now"]])
         cfg = soar.make_config(["--model", str(lab_model), "--data", str(tmp_path / "hard.jsonl"), "--out",
                                 str(tmp_path / str(paid)), "--outer_steps", "12", "--teacher_lr", "3e-4",
                                 "--tau", "100"], "lab")
         run = soar.soar(cfg)
         steps = [read_rows(f) for f in sorted((run / "questions").glob("step_*.jsonl"))]
-        share = lambda part: statistics.fmean(long_({"problem": q["question"] or ""}) for s in part for q in s
+        share = lambda part: statistics.fmean(is_long({"problem": q["question"] or ""}) for s in part for q in s
                                               if q["parsed"])
         shares[paid] = share(steps[:3]), share(steps[-3:])
     (first_long, last_long), (first_short, last_short) = shares[True], shares[False]
