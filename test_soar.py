@@ -1290,7 +1290,7 @@ def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkey
     no student is trained; README, the lab: this control at the preset's lr, and why the grounded
     reward moves the teacher less.)"""
     datasets, real_teacher_datasets = {}, soar.teacher_datasets
-    is_long = lambda q: (soar.lab_solve(q["problem"]) or (0,))[0] >= 6
+    is_long = lambda question: (soar.lab_solve(question) or (0,))[0] >= 6
 
     def written(teacher, tok, cfg, step):  # the step's datasets, for the reward below
         rollouts, datasets["now"] = real_teacher_datasets(teacher, tok, cfg, step)
@@ -1303,14 +1303,13 @@ def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkey
     shares = {}
     for paid in (True, False):
         monkeypatch.setattr(soar, "teacher_rewards", lambda results, base_acc, cfg: [
-            sum(is_long(q) == paid for q in ds) / max(len(ds), 1) for ds in datasets["now"]])
+            sum(is_long(q["problem"]) == paid for q in ds) / max(len(ds), 1) for ds in datasets["now"]])
         cfg = soar.make_config(["--model", str(lab_model), "--data", str(tmp_path / "hard.jsonl"), "--out",
                                 str(tmp_path / str(paid)), "--outer_steps", "12", "--teacher_lr", "3e-4",
                                 "--tau", "100"], "lab")
         run = soar.soar(cfg)
         steps = [read_rows(f) for f in sorted((run / "questions").glob("step_*.jsonl"))]
-        share = lambda part: statistics.fmean(is_long({"problem": q["question"] or ""}) for s in part for q in s
-                                              if q["parsed"])
+        share = lambda part: statistics.fmean(is_long(q["question"]) for s in part for q in s if q["parsed"])
         shares[paid] = share(steps[:3]), share(steps[-3:])
     (first_long, last_long), (first_short, last_short) = shares[True], shares[False]
     assert last_long > first_long + 0.1 and last_short < first_short - 0.1, shares
