@@ -5,6 +5,7 @@
 #                    build the lab model); with GPUs, the paper pipeline
 #   ./run.sh test    set up what the tests need, then run test_soar.py
 # Also: ./run.sh lab (all methods, 3 seeds, 16-35 minutes) | demo (SmolLM2 through vLLM) | paper | setup
+# The stages are pipeline.py's (python pipeline.py --help); the method is soar.py.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -43,18 +44,18 @@ case "$mode" in
     exec "$VENV/bin/python" -m pytest -q test_soar.py "$@" ;;
   quick)  # one seed of the lab: SOAR against Hard-Only and the oracle curriculum, with the plots
     setup matplotlib
-    exec "$VENV/bin/python" soar.py lab --out runs/lab-quick --seeds 1 --soar_seeds 1 \
+    exec "$VENV/bin/python" pipeline.py lab --out runs/lab-quick --seeds 1 --soar_seeds 1 \
       --methods Base Hard-Only SOAR-PS SOAR-PQ Oracle ;;
   lab)  # the lab's whole comparison: every method, 3 seeds (flags: --seed S --seeds N --out DIR ...)
     setup matplotlib
     shift || true
-    exec "$VENV/bin/python" soar.py lab "$@" ;;
+    exec "$VENV/bin/python" pipeline.py lab "$@" ;;
   demo)
     setup
     exec "$VENV/bin/python" soar.py soar --preset demo ;;
   paper)  # prepare, fail@128, SOAR, Intrinsic-T, the protocol, report; re-running skips finished work
     setup matplotlib pyarrow
     shift || true
-    exec "$VENV/bin/python" soar.py pipeline --preset paper "$@" ;;
+    exec "$VENV/bin/python" pipeline.py paper "$@" ;;
   *) echo "usage: ./run.sh [test|lab|demo|paper|setup]" >&2; exit 2 ;;
 esac

@@ -21,10 +21,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import grader
+import pipeline
 import soar
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent / "shared" / "data"
+prep, lab = pipeline.script("data/prepare.py"), pipeline.script("data/lab/prepare.py")
 HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
 
 
@@ -44,13 +45,20 @@ def vllm_engine(tiny):
     return soar.VLLMEngine(tiny, cfg, seed=0)
 
 
-def make_policy(tiny, engine=None, **overrides):
+def make_policy(tiny, engine=None, dtype=None, **overrides):
+    """A Policy of the test preset on the CPU; dtype=torch.bfloat16 stands in for the GPU's bf16 copy."""
     cfg = soar.make_config(["--model", str(tiny)], "test")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     tok = soar.load_tokenizer(tiny)
     engine = engine or soar.HFEngine(tok)
-    return soar.Policy(tiny, cfg, engine, cfg.lr, torch.device("cpu")), tok, cfg
+    return soar.Policy(tiny, cfg, engine, torch.device("cpu"), dtype), tok, cfg
+
+
+def sample_rows(name):
+    """A benchmark sample the repository carries (data/samples: MATH-500, AIME 2024, AMC 2023)."""
+    import gzip
+    return [json.loads(line) for line in gzip.open(HERE / "data" / "samples" / f"{name}.gz", "rt", encoding="utf-8")]
 
 
 def params_equal(model, state):
@@ -377,10 +385,9 @@ def test_time_limit_from_a_spawned_process():
     assert not Path(f"/proc/{helper_pid}").exists()
 
 
-@pytest.mark.skipif(not (SHARED / "math500.jsonl").exists(), reason="no shared data")
 @pytest.mark.parametrize("name", ["math500.jsonl", "aime24.jsonl"])
 def test_self_agreement_and_false_matches(name):
-    rows = [json.loads(line) for line in (SHARED / name).read_text().splitlines()]
+    rows = sample_rows(name)
     assert all(grader.grade(r["solution"], str(r["answer"])) for r in rows)  # every reference solution
     rng, pairs, matches = random.Random(0), 0, 0
     while pairs < 2000:
@@ -393,7 +400,7 @@ def test_self_agreement_and_false_matches(name):
 
 def read_answers(name):
     """The reference answers of a shared benchmark file, as strings (AMC's 27.0 as 27)."""
-    rows = [json.loads(line) for line in (SHARED / name).read_text().splitlines()]
+    rows = sample_rows(name)
     return [str(int(a)) if isinstance(a := r["answer"], float) and a.is_integer() else str(a) for r in rows]
 
 
@@ -524,7 +531,6 @@ MATH_VERIFY_CHOICES = {
 }
 
 
-@pytest.mark.skipif(not (SHARED / "math500.jsonl").exists(), reason="no shared data")
 def test_agrees_with_math_verify():
     """About two thousand pairs graded by grader.py and by math-verify (HuggingFace), the test-only
     oracle: every disagreement is a documented choice, every labelled pair is graded as labelled,
@@ -656,12 +662,11 @@ def test_sequence_logprobs_ignore_padding_and_prompt(tiny):
     assert torch.allclose(policy.model.lm_head.weight.grad, grad, atol=1e-5)
 
 
-def test_output_layer_sums_in_fp32_in_a_bf16_model(tiny, monkeypatch):
+def test_output_layer_sums_in_fp32_in_a_bf16_model(tiny):
     """With the GPU's bf16 compute copy (bf16 on CPU stands in here) the body runs in bf16 but the
     output layer's sums must not be rounded to bf16: by up to 0.125 at a logit of 16-32, and the
     log-prob with it. Its result: fp32 sums of the bf16 values, not bf16 logits."""
-    monkeypatch.setattr(soar, "compute_dtype", lambda device: torch.bfloat16)
-    policy, tok, _ = make_policy(tiny)
+    policy, tok, _ = make_policy(tiny, dtype=torch.bfloat16)
     seq = soar.chat_ids(tok, "What is 2+2?") + tok("\\boxed{4}", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logprobs, mask = soar.sequence_logprobs(policy.model, [seq], [len(seq) - 9])
@@ -686,7 +691,7 @@ def tied_model(tiny, folder):
     return folder
 
 
-def test_bf16_copy_keeps_fp32_updates_at_lr_1e_6(tiny, tmp_path, monkeypatch):
+def test_bf16_copy_keeps_fp32_updates_at_lr_1e_6(tiny, tmp_path):
     """The precision contract of the GPU path, run on CPU: the model computes in bf16, AdamW updates
     fp32 master weights, so an update at lr 1e-6 moves nearly every weight (Adam's first step is
     about lr * sign(gradient)) though bf16 would show almost none of it; the model's copy is the
@@ -697,8 +702,7 @@ def test_bf16_copy_keeps_fp32_updates_at_lr_1e_6(tiny, tmp_path, monkeypatch):
     fp32, tok, cfg = make_policy(folder, lr=1e-6)
     prompt = soar.chat_ids(tok, soar.STUDENT_PROMPT.format(problem="What is 2+2?"))
     comps = fp32.sample([prompt], 8, 1.0, 12, seed=0)[0]
-    monkeypatch.setattr(soar, "compute_dtype", lambda device: torch.bfloat16)
-    bf16, _, _ = make_policy(folder, lr=1e-6, micro_batch_tokens=len(comps[0].prompt_ids) + 12)
+    bf16, _, _ = make_policy(folder, dtype=torch.bfloat16, lr=1e-6, micro_batch_tokens=len(comps[0].prompt_ids) + 12)
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     assert {b.dtype for b in bf16.model.buffers()} == {torch.float32}  # RoPE's frequencies, as the sampler's
     assert {m.dtype for m in bf16.master} == {torch.float32} and len(bf16.master) == len(fp32.master)
@@ -727,7 +731,7 @@ def test_cpu_copies_hold_a_tied_embedding_once(tiny, tmp_path):
     state = policy.state()
     assert "lm_head.weight" not in state and len(state) == len(list(policy.model.parameters()))
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in policy.model.parameters())
-    soar.save_student(tmp_path / "student", state, tok, policy)
+    soar.save_model(tmp_path / "student", state, tok, policy)
     reloaded = soar.load_state(tmp_path / "student", {k: torch.zeros_like(v) for k, v in state.items()})
     assert all(torch.equal(reloaded[name], v) for name, v in state.items())
     policy.set_state({k: torch.zeros_like(v) for k, v in state.items()})
@@ -799,7 +803,7 @@ def test_kl_penalty_to_a_frozen_reference(tiny):
     second = soar.policy_update(policy, comps, torch.zeros(8), cfg)
     assert second["kl_ref"] > 1e-4 and second["tokens_trained"] > 0  # zero advantages: only KL pulls
     assert all(torch.equal(p, q) for p, q in zip(policy.ref.state_dict().values(),
-                                                 soar.Policy(tiny, cfg, soar.HFEngine(tok), cfg.lr,
+                                                 soar.Policy(tiny, cfg, soar.HFEngine(tok),
                                                              torch.device("cpu")).ref.state_dict().values()))
 
 
@@ -813,7 +817,7 @@ def test_a_command_resumed_from_a_checkpoint_keeps_model_as_its_kl_reference(tin
     trained.model.save_pretrained(tmp_path / "checkpoint")
     tok.save_pretrained(tmp_path / "checkpoint")
     policy, _ = soar.load_policy(cfg, tmp_path / "checkpoint")
-    start = soar.Policy(tiny, cfg, soar.HFEngine(tok), cfg.lr, torch.device("cpu")).model.state_dict()
+    start = soar.Policy(tiny, cfg, soar.HFEngine(tok), torch.device("cpu")).model.state_dict()
     assert all(torch.equal(v, start[k]) for k, v in policy.ref.state_dict().items())
     assert not torch.equal(policy.model.state_dict()["lm_head.weight"], start["lm_head.weight"])
 
@@ -856,21 +860,32 @@ def test_read_jsonl_names_file_line_and_field(tmp_path):
         soar.read_jsonl(bad)
 
 
-def test_help_lists_each_commands_options_with_defaults_and_the_config_comments(capsys):
-    soar.main(["--help"])
-    top = capsys.readouterr().out
-    assert all(f"    {command} " in top for command in [*soar.OPTIONS, "report"])
-    soar.main(["train", "--help"])
-    text = capsys.readouterr().out
-    assert "--lr 1e-06" in text and "[ours] usual for RL on 3B instruct models" in text and "--tau" not in text
-    # a comment's continuation line is part of its text: one source, Config's own comments
-    assert "(16 GB of 80: weights + KV); the trainer needs the rest (README, memory plan)" in text
+def test_help_lists_each_commands_options_with_their_values_and_the_config_comments(capsys):
+    """`COMMAND --help` of soar.py and pipeline.py, under two presets: exactly the options the command
+    reads, each with the preset's value (marked when it is the preset's) and its field's comment in
+    the config class, continuation lines included (the one source of both)."""
+    for module, config in ((soar, soar.Config), (pipeline, pipeline.PipelineConfig)):
+        module.main(["--help"])
+        top = capsys.readouterr().out
+        assert all(f"    {command} " in top for command in module.OPTIONS)
+        comments = soar.config_comments(config)
+        assert set(comments) == set(config.__dataclass_fields__) and all(comments.values())
+        for command, names in module.OPTIONS.items():
+            for preset in ("paper", "demo"):
+                module.main([command, "--preset", preset, "--help"])
+                lines = {line.split()[0][2:]: line for line in capsys.readouterr().out.splitlines()
+                         if line.startswith("  --")}
+                assert list(lines) == names.split(), command
+                cfg = module.make_config([], preset)
+                for name, line in lines.items():
+                    value = getattr(cfg, name)
+                    shown = " ".join(map(str, value)) if isinstance(value, list) else str(value) or "''"
+                    mark = f" ({preset})" if value != getattr(config(), name) else ""
+                    assert line.startswith(f"  --{name} {shown}{mark} ") and line.endswith(comments[name]), line
     soar.main(["soar", "--preset", "demo", "--help"])
     text = capsys.readouterr().out
     assert "--window 2 (demo)" in text and "[paper] promotion threshold on the moving average reward" in text
-    comments = soar.config_comments()
-    assert set(comments) == set(soar.Config.__dataclass_fields__) and all(comments.values())
-    assert all(name in comments for names in soar.OPTIONS.values() for name in names.split())
+    assert "(16 GB of 80: weights + KV); the trainer needs the rest (README, memory plan)" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -953,8 +968,7 @@ class Recorder:
             data["remeasured"] = soar.greedy_accuracy(data["student"], self.tok, self.q_r,
                                                       self.cfg.eval_max_new_tokens)
         elif event == "promotion":
-            best = data["best"]
-            data["best_weights"] = {k: v.clone() for k, v in data["trained"][(best["k"], best["repeat"])].items()}
+            data["best_weights"] = {k: v.clone() for k, v in data["trained"][data["best"]].items()}
             data["equals_best"] = params_equal(data["student"].model, data["best_weights"])
         self.events.append((event, data))
         if self.crash_at and self.crash_at(event, data):
@@ -1006,7 +1020,7 @@ def test_soar_loop_instrumented(tiny, toy_train, tmp_path):
     pq = read_rows(run / "promotion_questions.jsonl")
     for t, (p, u) in enumerate(zip(promotions, updates)):
         best_k = max(range(cfg.n_datasets), key=lambda k: u["dataset_rewards"][k])
-        assert p["best"]["k"] == best_k
+        assert p["best"][0] == best_k
         assert [(r["problem"], r["answer"]) for r in pq if r["step"] == t] == \
             [(q["problem"], q["answer"]) for q in p["datasets"][best_k]]
     # ... and the next step starts from the promoted student
@@ -1017,8 +1031,8 @@ def test_soar_loop_instrumented(tiny, toy_train, tmp_path):
     assert sorted(os.listdir(run / "students")) == ["step_0000", "step_0001", "step_0002"]
     questions = read_rows(run / "questions" / "step_0000.jsonl")
     assert len(questions) == cfg.n_datasets * cfg.dataset_size
-    assert all((q["reward"] == cfg.parse_penalty) != q["parsed"] or q["parsed"] for q in questions)
-    assert all(q["reward"] == cfg.parse_penalty for q in questions if not q["parsed"])
+    # the penalty exactly for the unparsed (a parsed rollout's R is a multiple of 1/|Q_R| = 1/4, never -0.1)
+    assert all((q["reward"] == cfg.parse_penalty) == (not q["parsed"]) for q in questions)
 
 
 def strip_times(rows):
@@ -1085,12 +1099,57 @@ def test_a_kill_during_the_background_checkpoint_resumes_from_the_last_finished_
     child = subprocess.run([sys.executable, "-c", KILLED_IN_A_WRITE, "--model", str(tiny), "--data", str(toy_train),
                             "--out", str(run), *extra], cwd=HERE, capture_output=True, text=True, timeout=600)
     assert child.returncode == -9, child.stderr[-2000:]
-    assert soar.committed_step(run / "teacher") == 1 and (run / "teacher.tmp").exists()
+    assert soar.RunFolder(run, "teacher").state()["step"] == 1 and (run / "teacher.tmp").exists()
     assert len(read_rows(run / "metrics.jsonl")) == 2  # step 1's row was written, its commit was not
     soar.soar(soar.make_config(["--resume", str(run)], "test"))
     assert strip_times(read_rows(whole / "metrics.jsonl")) == strip_times(read_rows(run / "metrics.jsonl"))
     assert read_rows(whole / "promotion_questions.jsonl") == read_rows(run / "promotion_questions.jsonl")
-    assert soar.committed_step(run / "teacher") == 3 and not (run / "teacher.tmp").exists()
+    assert soar.RunFolder(run, "teacher").state()["step"] == 3 and not list(run.glob("teacher.tmp*"))
+
+
+# A first writer, alive in the middle of its run: soar waits in its first outer step, train in its
+# first grading, until the test kills it.
+LIVE_WRITER = """
+import sys, time, soar
+command, argv = sys.argv[1], sys.argv[2:]
+cfg = soar.make_config(argv, "test")
+wait = lambda *args, **kwargs: time.sleep(600) or 0.0
+soar.soar(cfg, probe=lambda event, **data: event == "step_start" and wait()) if command == "soar" else \
+    soar.train(cfg, reward_fn=wait)
+"""
+
+
+@pytest.mark.parametrize("command", ["soar", "train"])
+def test_one_writer_per_run_folder_and_a_killed_one_leaves_no_lock(tiny, toy_train, tmp_path, command):
+    """A second process on a run folder whose writer is alive stops at once: one line naming the
+    folder and the live process, exit status 2, nothing of the first run's touched. Once the first
+    is killed (SIGKILL), the same command runs at once, with no clean-up by hand."""
+    import signal
+    run, flags = tmp_path / "run", ["--model", str(tiny), "--data", str(toy_train), "--outer_steps", "1", "--steps", "1"]
+    first = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, command, *flags, "--out", str(run)], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run / "config.json").exists():  # written once it holds the folder
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        time.sleep(1)  # in its first step now
+        second = [sys.executable, str(HERE / "soar.py"), command, "--preset", "test", *flags, "--out", str(run)]
+        r = subprocess.run(second, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: {run}: process {first.pid} is writing here; wait for it to end, or give another --out"], r.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    r = subprocess.run(second, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [row["step"] for row in read_rows(run / "metrics.jsonl")] == [0]
+
+
+def test_one_pipeline_per_folder(tmp_path):
+    with soar.writer_lock(tmp_path / "run" / ".writer"):
+        with pytest.raises(soar.UserError, match=f"run: process {os.getpid()} is writing here"):
+            pipeline.main(["paper", "--preset", "test", "--model", "m", "--out", str(tmp_path / "run")])
 
 
 def test_resume_changes_only_the_flags_given_and_a_finished_run_says_so(tiny, toy_train, tmp_path, capsys):
@@ -1126,16 +1185,23 @@ def test_start_up_check_prompt_plus_budget_fits_max_model_len(tiny, toy_train, t
     assert not (tmp_path / "r").exists()  # nothing started
 
 
+def free_port():
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
 def test_one_and_two_workers_give_the_same_rewards(tiny, toy_train, tmp_path):
     """torchrun with 2 gloo workers against a plain run: same seed, same rewards (HF sampler,
     seeded per job, one thread per worker so float sums happen in the same order)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     common = ["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--repeats", "2",
               "--window", "1", "--outer_steps", "2"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     for cmd, out in (([sys.executable], "one"), (torchrun, "two")):
-        subprocess.run(cmd + [str(HERE / "soar.py")] + common + ["--out", str(tmp_path / out)],
-                       check=True, env=env, cwd=tmp_path, timeout=300, capture_output=True)
+        r = subprocess.run(cmd + [str(HERE / "soar.py")] + common + ["--out", str(tmp_path / out)],
+                           env=env, cwd=tmp_path, timeout=300, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
     one, two = (strip_times(read_rows(tmp_path / w / "metrics.jsonl")) for w in ("one", "two"))
     assert one == two and len(one) == 2
     assert read_rows(tmp_path / "one" / "promotion_questions.jsonl") == read_rows(tmp_path / "two" / "promotion_questions.jsonl")
@@ -1145,10 +1211,7 @@ def test_preflight_two_workers_with_the_vllm_sampler(tiny, tmp_path):
     """The README's pre-flight before a paper run, `torchrun --nproc_per_node 2 soar.py soar --preset
     test --sampler vllm` (with the session's test model and a run folder of its own): two gloo
     workers on CPU, each with an in-process vLLM engine that serves the teacher and the students."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                         str(HERE / "soar.py"), "soar", "--preset", "test", "--sampler", "vllm", "--model", str(tiny),
                         "--out", str(tmp_path / "run")], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=600)
@@ -1159,16 +1222,28 @@ def test_preflight_two_workers_with_the_vllm_sampler(tiny, tmp_path):
 
 
 def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
+    """Intrinsic-T [paper B.4]: R(X_k) = the mean over X_k's questions of 0 if s = 0 else 1 - s, s the
+    student's success rate over m samples against the teacher's own answer (re-measured here with
+    the base student, which Intrinsic-T never promotes); RLOO across the datasets, as SOAR's."""
+    assert soar.learnability([0, 1, 4, 2], 4) == pytest.approx((0 + 0.75 + 0 + 0.5) / 4)
+    assert soar.learnability([], 4) == 0.0
     cfg = soar.make_config(["--model", str(tiny), "--out", str(tmp_path / "run"), "--teacher_reward",
-                            "learnability", "--outer_steps", "2", "--learnability_samples", "4"], "test")
+                            "learnability", "--outer_steps", "2", "--learnability_samples", "4",
+                            "--dataset_size", "8"], "test")
     rec = Recorder(soar.load_tokenizer(tiny), cfg)
     soar.soar(cfg, probe=rec)
-    for u in rec.of("teacher_update"):
-        parsed = {q["rollout"] for ds in u["datasets"] for q in ds}
-        for i, r in enumerate(u["rewards"]):
-            # p(1-p) with p = c/4 takes only these values; unparseable rollouts get the penalty
-            assert r in (0.0, 0.1875, 0.25) if i in parsed else r == cfg.parse_penalty
-        assert torch.allclose(u["advantages"], soar.rloo_advantages(torch.tensor(u["rewards"])))
+    student, tok, _ = make_policy(tiny)
+    measured = []
+    for step, u in enumerate(rec.of("teacher_update")):
+        for k, ds in enumerate(u["datasets"]):
+            counts = soar.successes(student, tok, ds, 4, cfg.temperature, cfg.max_new_tokens,
+                                    soar.seed_of(cfg.seed, step, k, "learnability")) if ds else []
+            measured.append(soar.learnability(counts, 4))
+            assert u["dataset_rewards"][k] == pytest.approx(measured[-1])
+        rloo = soar.rloo_advantages(torch.tensor(u["dataset_rewards"]))
+        for ds, a in zip(u["datasets"], rloo):
+            assert all(u["advantages"][q["rollout"]] == pytest.approx(a.item()) for q in ds)
+    assert any(measured)  # a reward that is not 0 everywhere (the tiny model solves some of its own sums)
     rows = read_rows(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 2 and not any(r["promoted"] for r in rows)
 
@@ -1188,8 +1263,8 @@ def lab_model_build(request, tmp_path_factory):
         return
     log = tmp_path_factory.mktemp("lab-build") / "build.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", "import sys, soar; soar.build_lab_model(sys.argv[1])",
-                                 str(HERE / "models" / "lab")], cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "data/lab/prepare.py", "--model", str(HERE / "models" / "lab")],
+                                cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})  # one core; any count builds the same
     build = {"proc": proc, "log": log, "threads": torch.get_num_threads()}
     torch.set_num_threads(1)
@@ -1213,7 +1288,7 @@ def lab_model(lab_model_build):
     proc, log = lab_model_build["proc"], lab_model_build["log"]
     assert proc.wait() == 0, f"building the lab model failed:\n{log.read_text()[-3000:]}"
     both_cores_once_built(lab_model_build)
-    return soar.build_lab_model(HERE / "models" / "lab")  # in place now: only checks its recipe
+    return lab.build_lab_model(HERE / "models" / "lab")  # in place now: only checks its recipe
 
 
 def test_lab_model_is_the_same_whatever_the_threads_and_the_cpu(tmp_path):
@@ -1221,26 +1296,26 @@ def test_lab_model_is_the_same_whatever_the_threads_and_the_cpu(tmp_path):
     to AVX2 as on a CPU without AVX-512, the same bytes. Not so without LAB_CPU, which the build puts
     itself on (a child process): float sums round otherwise, and the model drifts."""
     for name, env in (("one", {"OMP_NUM_THREADS": "1"}), ("two", {"OMP_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"})):
-        subprocess.run([sys.executable, "-c", "import sys, soar; soar.build_lab_model(sys.argv[1], 0, 6)",  # 6 steps: bytes part at once
-                        str(tmp_path / name)], cwd=HERE, env={**os.environ, **env}, check=True)
-    assert json.loads((tmp_path / "one" / "lab.json").read_text())["cpu"] == soar.LAB_CPU
+        subprocess.run([sys.executable, "data/lab/prepare.py", "--model", str(tmp_path / name), "--seed", "0",
+                        "--steps", "6"], cwd=HERE, env={**os.environ, **env}, check=True)  # 6 steps: bytes part at once
+    assert json.loads((tmp_path / "one" / "lab.json").read_text())["cpu"] == lab.CPU
     assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
 
 
 def test_lab_world_is_exact_and_tiered(tmp_path):
-    one, two = soar.lab_world(tmp_path / "one"), soar.lab_world(tmp_path / "two")
-    for name, tiers in (("hard", soar.LAB["hard_k"]), ("oracle", soar.LAB["oracle_k"])):
+    one, two = lab.lab_world(tmp_path / "one"), lab.lab_world(tmp_path / "two")
+    for name, tiers in (("hard", lab.LAB["hard_k"]), ("oracle", lab.LAB["oracle_k"])):
         rows = read_rows(one[name])
         assert rows == read_rows(two[name])  # generated exactly by code: same seed, same problems
-        assert {soar.lab_solve(r["problem"])[0] for r in rows} == set(tiers)
+        assert {lab.lab_solve(r["problem"])[0] for r in rows} == set(tiers)
         for r in rows:  # the answers are the digits in order, and the grader accepts them
             digits = r["problem"][len("Sort "):-1]
             assert r["answer"] == "".join(sorted(digits)) and len(r["answer"]) == len(digits)
             assert soar.grader.grade(f"\\boxed{{{r['answer']}}}", r["answer"]) == 1.0
             assert soar.grader.grade(f"\\boxed{{{digits}}}", r["answer"]) == float(digits == r["answer"])
-    assert soar.lab_solve("Sort 3142.") == (4, "1234") and soar.lab_solve(" Sort 9. ") == (1, "9")
+    assert lab.lab_solve("Sort 3142.") == (4, "1234") and lab.lab_solve(" Sort 9. ") == (1, "9")
     for other in ("Sort 30.", "Sort 3 4.", "What is 3+4?", "", None):
-        assert soar.lab_solve(other) is None
+        assert lab.lab_solve(other) is None
 
 
 def test_tier_shares_count_the_lab_tiers_and_right_answers(tmp_path):
@@ -1250,10 +1325,10 @@ def test_tier_shares_count_the_lab_tiers_and_right_answers(tmp_path):
     soar.write_jsonl_atomic(tmp_path / "s0.jsonl", step(("Sort 21.", "12"), ("Sort 654321.", "123456"),
                                                         ("Sort 7654321.", "1234576"), (None, None)))
     soar.write_jsonl_atomic(tmp_path / "s1.jsonl", step(("Sort 7654321.", "1234567"), ("Sort 3.", "3")))
-    shares = soar.tier_shares([tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"])
+    shares = lab.tier_shares([tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"])
     assert shares == {"K 1-5": [0.25, 0.5], "K 6": [0.25, 0.0], "K 7": [0.25, 0.5], "answer right": [0.5, 1.0]}
     soar.write_jsonl_atomic(tmp_path / "math.jsonl", step(("What is 3+4?", "7")))
-    assert soar.tier_shares([tmp_path / "math.jsonl"]) == {}
+    assert lab.tier_shares([tmp_path / "math.jsonl"]) == {}
 
 
 def test_lab_soar_learns(lab_model, tmp_path):
@@ -1261,14 +1336,14 @@ def test_lab_soar_learns(lab_model, tmp_path):
     student (294 of the 300 are fail@128, the preset's, which takes 4x the samples), the teacher's grounded
     reward is non-zero, promotions happen at the paper's tau and window, and the promoted student
     solves held-out hard problems that the base student solves none of."""
-    files = soar.lab_world(tmp_path)
-    lab = lambda *flags: soar.make_config(["--model", str(lab_model), *flags], "lab")
-    soar.fail_at_k(lab("--out", str(tmp_path)), [str(files["hard"])], 32, tmp_path / "filter" / "lab")
+    files = lab.lab_world(tmp_path)
+    preset = lambda *flags: pipeline.make_config(["--model", str(lab_model), *flags], "lab")
+    pipeline.fail_at_k(preset("--out", str(tmp_path)), [str(files["hard"])], 32, tmp_path / "filter" / "lab")
     counts = read_rows(tmp_path / "filter" / "lab_counts.jsonl")
     assert sum(c["successes"] == 0 for c in counts) >= 0.9 * len(counts)  # the hard tiers are fail@32
     d_test = soar.read_jsonl(tmp_path / "filter" / "lab_test.jsonl")
-    cfg = lab("--data", str(tmp_path / "filter" / "lab_train.jsonl"), "--out", str(tmp_path / "soar"),
-              "--outer_steps", "4")  # seed 0 promotes within 4 outer steps on this split
+    cfg = preset("--data", str(tmp_path / "filter" / "lab_train.jsonl"), "--out", str(tmp_path / "soar"),
+                 "--outer_steps", "4")  # seed 0 promotes within 4 outer steps on this split
     assert (cfg.tau, cfg.window) == (0.01, 3)  # the paper's
     run = soar.soar(cfg)
     rows = read_rows(run / "metrics.jsonl")
@@ -1276,37 +1351,27 @@ def test_lab_soar_learns(lab_model, tmp_path):
     promoted = sorted((run / "students").glob("step_*"))
     assert promoted and [int(p.name[5:]) for p in promoted] == [r["step"] for r in rows if r["promoted"]]
     tok = soar.load_tokenizer(lab_model)
-    student = soar.Policy(lab_model, cfg, soar.HFEngine(tok), cfg.lr, torch.device("cpu"))
+    student = soar.Policy(lab_model, cfg, soar.HFEngine(tok), torch.device("cpu"))
     base = soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens)
     student.set_state(soar.load_state(promoted[-1], student.state()))
     assert base == 0.0 and soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens) > 0.0
 
 
 def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkeypatch):
-    """The outer loop's teacher update (the parse penalty, RLOO across datasets, the policy-gradient
-    step) on the real lab teacher, with the student's measurement replaced by a reward the test
-    knows: R(X_k) = the share of X_k's questions with long digit strings (K >= 6), or with short ones.
-    The teacher must move toward what it is paid for, one way and the other. (Promotions are off:
-    no student is trained; README, the lab: this control at the preset's lr, and why the grounded
-    reward moves the teacher less.)"""
-    datasets, real_teacher_datasets = {}, soar.teacher_datasets
-    is_long = lambda question: (soar.lab_solve(question) or (0,))[0] >= 6
-
-    def written(teacher, tok, cfg, step):  # the step's datasets, for the reward below
-        rollouts, datasets["now"] = real_teacher_datasets(teacher, tok, cfg, step)
-        return rollouts, datasets["now"]
-
-    monkeypatch.setattr(soar, "teacher_datasets", written)
-    monkeypatch.setattr(soar, "inner_loop", lambda student, tok, dataset, q_r, cfg, step, k, repeat, probe:
-                        {"k": k, "repeat": repeat, "acc": 0.0})
-    soar.write_jsonl_atomic(tmp_path / "hard.jsonl", [soar.lab_problem(random.Random(0), 7)])  # Q_R: unused
+    """The outer loop's teacher update (RLOO across datasets, the policy-gradient step) on the real
+    lab teacher, paid a reward the test knows, added where a fork adds one (TEACHER_REWARDS):
+    R(X_k) = the share of X_k's questions with long digit strings (K >= 6), or with short ones. The
+    teacher must move toward what it is paid for, one way and the other (no student is trained, so
+    nothing is promoted; data/lab/README.md: this control at the preset's lr)."""
+    is_long = lambda question: (lab.lab_solve(question) or (0,))[0] >= 6
+    soar.write_jsonl_atomic(tmp_path / "hard.jsonl", [lab.lab_problem(random.Random(0), 7)])  # Q_R: unused
     shares = {}
     for paid in (True, False):
-        monkeypatch.setattr(soar, "teacher_rewards", lambda results, base_acc, cfg: [
-            sum(is_long(q["problem"]) == paid for q in ds) / max(len(ds), 1) for ds in datasets["now"]])
+        monkeypatch.setitem(soar.TEACHER_REWARDS, "paid", lambda loop, datasets, q_r, step, paid=paid: (
+            [sum(is_long(q["problem"]) == paid for q in ds) / max(len(ds), 1) for ds in datasets], {}))
         cfg = soar.make_config(["--model", str(lab_model), "--data", str(tmp_path / "hard.jsonl"), "--out",
                                 str(tmp_path / str(paid)), "--outer_steps", "12", "--teacher_lr", "3e-4",
-                                "--tau", "100"], "lab")
+                                "--teacher_reward", "paid"], "lab")
         run = soar.soar(cfg)
         steps = [read_rows(f) for f in sorted((run / "questions").glob("step_*.jsonl"))]
         share = lambda part: statistics.fmean(is_long(q["question"]) for s in part for q in s if q["parsed"])
@@ -1318,9 +1383,6 @@ def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkey
 # ------------------------------------------------------------------------------------------------
 # The paper's pipeline: prepare, fail@k, the protocol end to end, the report
 # ------------------------------------------------------------------------------------------------
-
-needs_shared = pytest.mark.skipif(not (SHARED / "math500.jsonl").exists(), reason="../shared/data is absent")
-
 
 def lines_of(path):
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
@@ -1345,11 +1407,10 @@ def test_atomic_writes_keep_the_old_file_when_serialization_fails(tmp_path):
     assert lines_of(p) == [{"a": 1}] and os.listdir(tmp_path) == ["rows.jsonl"]
 
 
-@needs_shared
 def test_prepare_math500_schema_noop_and_rebuild(tmp_path, capsys):
     src = tmp_path / "math500.jsonl"
-    src.write_text((SHARED / "math500.jsonl").read_text())
-    (path,) = soar.prepare("math", str(src), tmp_path / "data")
+    soar.write_jsonl_atomic(src, sample_rows("math500.jsonl"))
+    (path,) = prep.prepare("math", str(src), tmp_path / "data")
     rows, original = lines_of(path), lines_of(src)
     assert path.name == "math_test.jsonl" and len(rows) == 500 and len({r["id"] for r in rows}) == 500
     for r, o in zip(rows, original):
@@ -1358,18 +1419,17 @@ def test_prepare_math500_schema_noop_and_rebuild(tmp_path, capsys):
     # the answers the grader extracts from the solutions agree with the file's answer field
     assert sum(grader.grade(o["solution"], o["answer"]) for o in original) >= 0.99 * len(original)
     mtime = path.stat().st_mtime_ns
-    assert soar.prepare("math", str(src), tmp_path / "data") == [path]  # no-op when current
+    assert prep.prepare("math", str(src), tmp_path / "data") == [path]  # no-op when current
     assert "up to date" in capsys.readouterr().out and path.stat().st_mtime_ns == mtime
     with src.open("a") as f:  # a changed source rebuilds
         f.write(json.dumps({"problem": "1+1?", "solution": "$\\boxed{2}$"}) + "\n")
-    soar.prepare("math", str(src), tmp_path / "data")
+    prep.prepare("math", str(src), tmp_path / "data")
     assert len(lines_of(path)) == 501
 
 
-@needs_shared
 @pytest.mark.parametrize("lineno,broken,field", [(7, "{not json", "JSON"), (12, None, "'problem'")])
 def test_prepare_bad_row_names_file_line_and_field(tmp_path, lineno, broken, field):
-    lines = (SHARED / "math500.jsonl").read_text().splitlines()
+    lines = [json.dumps(r) for r in sample_rows("math500.jsonl")]
     if broken is None:
         row = json.loads(lines[lineno - 1])
         del row["problem"]
@@ -1378,7 +1438,7 @@ def test_prepare_bad_row_names_file_line_and_field(tmp_path, lineno, broken, fie
     bad = tmp_path / "broken.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=f"broken.jsonl:{lineno}: .*{field}"):
-        soar.prepare("math", str(bad), tmp_path / "out")
+        prep.prepare("math", str(bad), tmp_path / "out")
     assert not list((tmp_path / "out").glob("*.jsonl"))  # nothing written half-way
 
 
@@ -1397,26 +1457,26 @@ def test_prepare_reads_the_release_archives(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
-    test, train = soar.prepare("math", str(tar), tmp_path / "data")
+    test, train = prep.prepare("math", str(tar), tmp_path / "data")
     assert [r["answer"] for r in lines_of(train)] == ["2"] and [r["answer"] for r in lines_of(test)] == ["7"]
     assert json.loads((tmp_path / "data" / "math.meta.json").read_text())["skipped"] == 1
     harp = tmp_path / "HARP.jsonl.zip"  # HARP: one jsonl member, short-answer problems
     with zipfile.ZipFile(harp, "w") as z:
         z.writestr("HARP.jsonl", json.dumps({"year": "2019", "contest": "AMC_10A", "number": 5, "level": 3,
                                              "subject": "algebra", "problem": "2+3?", "answer": 5}))
-    (path,) = soar.prepare("harp", harp.as_uri(), tmp_path / "data")  # a URL: downloaded, then read
+    (path,) = prep.prepare("harp", harp.as_uri(), tmp_path / "data")  # a URL: downloaded, then read
     assert [(r["id"], r["answer"]) for r in lines_of(path)] == [("2019/AMC_10A/5", "5")]
     ob = tmp_path / "OlympiadBench.zip"  # OlympiadBench: only the English open-ended math subset
     with zipfile.ZipFile(ob, "w") as z:
         z.writestr("data/OE_TO_maths_en_COMP.json", json.dumps(
             [{"id": 1607, "context": "Let $f(x)=x^2$.", "question": "Roots of $f(x)=1$?", "final_answer": ["$1$", "$-1$"]}]))
         z.writestr("data/OE_TO_physics_en_COMP.json", "[{}]")
-    (path,) = soar.prepare("olympiadbench", str(ob), tmp_path / "data")
+    (path,) = prep.prepare("olympiadbench", str(ob), tmp_path / "data")
     assert lines_of(path)[0]["answer"] == "1, -1" and lines_of(path)[0]["problem"].startswith("Let $f(x)")
     with zipfile.ZipFile(ob, "w") as z:
         z.writestr("data/OE_TO_maths_en_COMP.json", json.dumps([{"id": 1, "question": "q", "final_answer": []}]))
     with pytest.raises(ValueError, match=r"OE_TO_maths_en_COMP\.json\[0\]: field 'final_answer'"):
-        soar.prepare("olympiadbench", str(ob), tmp_path / "data2")
+        prep.prepare("olympiadbench", str(ob), tmp_path / "data2")
 
 
 def test_fail_at_k_split_and_upper_bound_deduplicate_by_problem_text(tiny, tmp_path):
@@ -1426,15 +1486,15 @@ def test_fail_at_k_split_and_upper_bound_deduplicate_by_problem_text(tiny, tmp_p
             for c, text in (("a", f"Compute the {i}th  prime number."), ("b", f"compute the {i}th prime\nnumber. "))]
     soar.write_jsonl_atomic(tmp_path / "dup.jsonl", rows)
     prefix = tmp_path / "filter" / "dup"
-    hard = soar.fail_at_k(soar.make_config(["--model", str(tiny)], "test"), [tmp_path / "dup.jsonl"], 2, prefix)
-    sides = {part: [soar.problem_key(r) for r in lines_of(f"{prefix}_{part}.jsonl")] for part in ("train", "val", "test")}
+    hard = pipeline.fail_at_k(pipeline.make_config(["--model", str(tiny)], "test"), [tmp_path / "dup.jsonl"], 2, prefix)
+    sides = {part: [pipeline.problem_key(r) for r in lines_of(f"{prefix}_{part}.jsonl")] for part in ("train", "val", "test")}
     keys = [key for side in sides.values() for key in side]
     assert len(keys) == len(set(keys)) == len(hard) == 12
     meta = json.loads(Path(f"{prefix}_meta.json").read_text())["split"]
     assert meta == {"k": 2, "problems": 24, "duplicates_removed": 12, "unsolved": 12,
                     **{part: len(side) for part, side in sides.items()}}
-    upper, counts = soar.upper_bound(rows, lines_of(f"{prefix}_test.jsonl"))
-    assert len(upper) == 12 - len(sides["test"]) and not {soar.problem_key(r) for r in upper} & set(sides["test"])
+    upper, counts = pipeline.upper_bound(rows, lines_of(f"{prefix}_test.jsonl"))
+    assert len(upper) == 12 - len(sides["test"]) and not {pipeline.problem_key(r) for r in upper} & set(sides["test"])
     assert counts == {"rows": 24, "duplicates_removed": 12, "test_problems_removed": len(sides["test"])}
 
 
@@ -1450,11 +1510,6 @@ def test_promotion_needs_a_full_window_above_tau_and_a_best_dataset_above_tau():
     assert decisions == [False, False, True, False, True, False, False]
     assert window == [0.05, -0.2, 0.0]
     assert soar.promotion([], 0.5, 0.0, cfg) == (False, 0.5)  # a partial window averages what it has
-
-
-def test_choices_the_paper_does_not_fix_are_marked_ours():
-    assert "[ours: the paper does not say" in soar.promotion.__doc__  # the best dataset above tau
-    assert "[ours: the paper does not fix" in soar.select_promoted_student.__doc__  # PS by validation accuracy
 
 
 def write_parquet(path, rows):
@@ -1482,18 +1537,18 @@ def hub_layout(root):
 
 def test_prepare_reads_the_hub_parquet_layouts(tmp_path):
     hub_layout(tmp_path)
-    test, train = soar.prepare("math", str(tmp_path / "math"), tmp_path / "data")
+    test, train = prep.prepare("math", str(tmp_path / "math"), tmp_path / "data")
     assert [(r["problem"], r["answer"]) for r in lines_of(train)] == [("1+1?", "2"), ("2+2?", "4"),
                                                                       ("Angles of a triangle?", "180")]
     assert [r["answer"] for r in lines_of(test)] == ["6", "90"] and lines_of(test)[1]["meta"]["split"] == "test"
     assert lines_of(train)[1]["id"] == "algebra/train-00000-of-00001.parquet#1"  # stable: the file and row
     assert json.loads((tmp_path / "data" / "math.meta.json").read_text())["skipped"] == 1
-    (path,) = soar.prepare("olympiadbench", str(tmp_path / "ob"), tmp_path / "data")
+    (path,) = prep.prepare("olympiadbench", str(tmp_path / "ob"), tmp_path / "data")
     assert [(r["id"], r["answer"], r["problem"]) for r in lines_of(path)] == [
         ("1607", "1, -1", "Let $f(x)=x^2$.\n\nRoots of $f(x)=1$?")]  # the physics config is not read
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(soar.UserError, match=r"bad\.parquet: not a readable parquet file"):
-        soar.prepare("math", str(tmp_path / "bad.parquet"), tmp_path / "data2")
+        prep.prepare("math", str(tmp_path / "bad.parquet"), tmp_path / "data2")
 
 
 def test_prepare_downloads_the_default_sources_through_the_hub_cache(tmp_path):
@@ -1501,19 +1556,19 @@ def test_prepare_downloads_the_default_sources_through_the_hub_cache(tmp_path):
     machine that downloaded them once, or a copied cache), and the meta file names the revision."""
     hub_layout(tmp_path)
     for name, source in (("math", "math"), ("olympiadbench", "ob")):
-        repo, commit = soar.DOWNLOADS[name][len("hf://"):].split("@")
+        repo, commit = prep.DOWNLOADS[name][len("hf://"):].split("@")
         snapshot = tmp_path / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / commit
         snapshot.parent.mkdir(parents=True)
         os.rename(tmp_path / source, snapshot)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     for name, rows in (("math", 5), ("olympiadbench", 1)):
-        r = subprocess.run([sys.executable, str(HERE / "soar.py"), "prepare", "--dataset", name, "--data_dir", "data"],
+        r = subprocess.run([sys.executable, str(HERE / "data" / "prepare.py"), name, "--out", "data"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         meta = json.loads((tmp_path / "data" / f"{name}.meta.json").read_text())
-        assert meta["revision"] == soar.DOWNLOADS[name].split("@")[1] and meta["source"] == soar.DOWNLOADS[name]
+        assert meta["revision"] == prep.DOWNLOADS[name].split("@")[1] and meta["source"] == prep.DOWNLOADS[name]
         assert sum(len(lines_of(tmp_path / p)) for p in meta["outputs"]) == rows
-    r = subprocess.run([sys.executable, str(HERE / "soar.py"), "prepare", "--dataset", "math", "--data_dir", "d2",
+    r = subprocess.run([sys.executable, str(HERE / "data" / "prepare.py"), "math", "--out", "d2",
                         "--source", "hf://EleutherAI/hendrycks_math@main"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)  # not in the cache, and offline
     assert r.returncode == 2 and "(a local copy: --sources math=PATH)" in r.stderr and "Traceback" not in r.stderr
@@ -1527,12 +1582,12 @@ def test_a_hub_revision_without_the_configs_parquet_files_is_named(tmp_path, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # what HF_HUB_CACHE sets
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(soar.UserError, match=r"no parquet file matching \*OE_TO_maths_en_COMP\*\.parquet"):
-        soar.prepare("olympiadbench", f"hf://Hothan/OlympiadBench@{commit}", tmp_path / "data")
+        prep.prepare("olympiadbench", f"hf://Hothan/OlympiadBench@{commit}", tmp_path / "data")
 
 
 def test_question_diversity():
-    same = soar.question_diversity(["What is the sum of 2 and 3?"] * 50)
-    varied = soar.question_diversity(["What is the sum of 2 and 3?", "Find the area of a circle of radius 4.",
+    same = pipeline.question_diversity(["What is the sum of 2 and 3?"] * 50)
+    varied = pipeline.question_diversity(["What is the sum of 2 and 3?", "Find the area of a circle of radius 4.",
                                       "How many primes are below 100?", "Solve x^2 - 5x + 6 = 0."])
     assert same["jaccard"] == 1.0 and same["distinct_2"] == pytest.approx(1 / 50)
     assert varied["jaccard"] < 0.2 and varied["distinct_2"] > 0.9
@@ -1547,7 +1602,7 @@ def test_report_table_and_claims(tmp_path):
         soar.write_json_atomic(tmp_path / "run" / "eval" / f"pq{seed}.json", {
             "method": "SOAR-PQ", "dataset": "math", "seed": seed, "greedy_acc": p1,
             "pass_at_k": {"1": p1, "32": p32}})
-    text = soar.render_report([tmp_path / "run"], tmp_path / "report")
+    text = pipeline.render_report([tmp_path / "run"], tmp_path / "report")
     assert (tmp_path / "report" / "report.md").read_text() == text
     # Base pass@1 over seeds 10, 20, 30 -> 20.0 ± 10.0 (sample std); pass@32 40.0 ± 10.0
     assert "| Base | 3 | 20.0 ± 10.0 | 20.0 ± 10.0 | 20.0 ± 10.0 | 40.0 ± 10.0 | 40.0 ± 10.0 | 40.0 ± 10.0 | 20.0 ± 10.0 |" in text
@@ -1561,7 +1616,7 @@ def test_report_lists_the_seeds_values_in_seed_order(tmp_path):
         soar.write_json_atomic(tmp_path / "run" / "eval" / f"Hard-Only_lab_seed{seed}.json", {
             "method": "Hard-Only", "dataset": "lab", "seed": seed, "greedy_acc": seed / 100,
             "pass_at_k": {"1": seed / 100, "8": seed / 50}})
-    soar.render_report([tmp_path / "run"], tmp_path / "report")
+    pipeline.render_report([tmp_path / "run"], tmp_path / "report")
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results == {"Hard-Only": {"pass@1": [s / 100 for s in range(12)], "pass@8": [s / 50 for s in range(12)],
                                      "greedy": [s / 100 for s in range(12)]}}
@@ -1572,38 +1627,37 @@ def test_report_says_when_a_method_degenerated(tmp_path):
     for method, extra in (("Base", {}), ("Hard-Only", {}), ("SOAR-PQ", {"note": note})):
         soar.write_json_atomic(tmp_path / "run" / "eval" / f"{method}.json", {
             "method": method, "dataset": "math", "greedy_acc": 0.1, "pass_at_k": {"1": 0.1, "32": 0.3}, **extra})
-    text = soar.render_report([tmp_path / "run"], tmp_path / "report")
+    text = pipeline.render_report([tmp_path / "run"], tmp_path / "report")
     assert f"| SOAR-PQ | 1 | {note} |" in text and "| Hard-Only | 1 | 10.0 |" in text
     assert "| math | SOAR-PQ / Base | 1 | ~4x | n/a: SOAR-PQ degenerate |" in text
     assert "| math | SOAR-PQ - Hard-Only | 32 | up to +9.3 | n/a: SOAR-PQ degenerate |" in text
 
 
-@needs_shared
-def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path, monkeypatch):
+def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
     """Every stage on tiny models and a few real problems; every value the user set reaches every
-    stage (each job's argv is recorded); a second run does nothing."""
-    math500 = lines_of(SHARED / "math500.jsonl")
+    stage (the pipeline logs each job's argv in jobs.jsonl); a second run does nothing."""
+    math500 = sample_rows("math500.jsonl")
     (tmp_path / "MATH").mkdir()
     soar.write_jsonl_atomic(tmp_path / "MATH" / "train.jsonl", math500[:10])
     soar.write_jsonl_atomic(tmp_path / "MATH" / "test.jsonl", math500[10:20])
-    amc = lines_of(SHARED / "amc23.jsonl")[:6]  # in OlympiadBench's format, as the transfer set
+    amc = sample_rows("amc23.jsonl")[:6]  # in OlympiadBench's format, as the transfer set
     (tmp_path / "OE_TO_maths_en_COMP.json").write_text(json.dumps(
         [{"id": r["id"], "question": r["question"], "final_answer": [f"${r['answer']}$"]} for r in amc]))
-    argv = ["pipeline", "--preset", "test", "--model", str(tiny), "--out", str(tmp_path / "run"),
+    argv = ["paper", "--preset", "test", "--model", str(tiny), "--out", str(tmp_path / "run"),
             "--data_dir", str(tmp_path / "data"), "--sources", f"math={tmp_path / 'MATH'}",
             f"olympiadbench={tmp_path / 'OE_TO_maths_en_COMP.json'}"]
     given = {"outer_steps": 2, "steps": 1, "eval_n": 2, "eval_k": "1,2", "lr": 0.02, "tau": -0.5,
              "micro_batch_tokens": 1024, "gpu_memory_utilization": 0.3}  # none of them the preset's
     argv += [str(a) for k, v in given.items() for a in (f"--{k}", v)] + ["--seed", "5"]
-    jobs, pipeline_main = [], soar.main
-    monkeypatch.setattr(soar, "main", lambda job: jobs.append(job) or pipeline_main(job))  # the stages' jobs
-    pipeline_main(argv)
+    pipeline.main(argv)
+    run = tmp_path / "run"
+    jobs = [row["argv"] for row in lines_of(run / "jobs.jsonl")]
     assert {job[0] for job in jobs} == {"filter", "soar", "questions", "select_ps", "train", "eval"}
     for job in jobs:
         at = job.index("--preset")
-        cfg = soar.make_config(job[1:at] + job[at + 2:], job[at + 1])
+        module = soar if job[0] in soar.OPTIONS else pipeline
+        cfg = module.make_config(job[1:at] + job[at + 2:], job[at + 1])
         assert {k: getattr(cfg, k) for k in given} == given and cfg.seed == 5, job  # 5 + protocol seed 0
-    run = tmp_path / "run"
     counts = lines_of(run / "filter" / "math_counts.jsonl")
     assert len(counts) == 20 and all(set(c) == {"id", "successes", "k"} and c["k"] == 2 for c in counts)
     hard = [c["id"] for c in counts if c["successes"] == 0]
@@ -1632,12 +1686,14 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path, monkeypatch):
         for png in ("passk_math.png", "passk_olympiadbench.png", "teacher_soar_math.png"):
             assert (run / "report" / png).read_bytes()[:4] == b"\x89PNG"
     # a second run finds everything done: no file is rewritten but the report
-    stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts}
-    pipeline_main(argv)
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "report" not in p.parts} == stamp
+    kept = lambda p: p.is_file() and "report" not in p.parts and p.name != "jobs.jsonl" and not p.name.endswith(".writer")
+    stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*") if kept(p)}
+    pipeline.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if kept(p)} == stamp
+    assert len(lines_of(run / "jobs.jsonl")) == len(jobs)  # and no job ran again
 
 
-def test_run_jobs_runs_a_jobs_commands_in_turn_and_the_jobs_side_by_side(monkeypatch):
+def test_run_jobs_runs_a_jobs_commands_in_turn_and_the_jobs_side_by_side():
     """Without GPUs, cpu_jobs jobs at a time, each in a process of one thread per command; a job's
     commands (a training, then the evaluations of its model) in turn; a failure ends the run with
     its exit status, and the failed job's later commands never start."""
@@ -1652,29 +1708,28 @@ def test_run_jobs_runs_a_jobs_commands_in_turn_and_the_jobs_side_by_side(monkeyp
         if argv[0] == "fail":
             raise SystemExit(3)
 
-    monkeypatch.setattr(soar, "run_script", run_script)
-    cfg = soar.make_config(["--cpu_jobs", "2"], "test")
-    soar.run_jobs([[["train-a"], ["eval-a"]], [], [["eval-b"]]], cfg)
+    cfg = pipeline.make_config(["--cpu_jobs", "2"], "test")
+    pipeline.run_jobs([[["train-a"], ["eval-a"]], [], [["eval-b"]]], cfg, run=run_script)
     at = {(e[0], e[1]): i for i, e in enumerate(events)}
     assert len(events) == 6 and all(e[2] == "1" for e in events if e[0] == "start")
     assert at["end", "train-a"] < at["start", "eval-a"]  # in turn
     assert at["start", "eval-b"] < at["end", "train-a"]  # side by side
     events.clear()
     with pytest.raises(SystemExit) as failed:
-        soar.run_jobs([[["fail"], ["eval-after"]], [["other"]]], cfg)
+        pipeline.run_jobs([[["fail"], ["eval-after"]], [["other"]]], cfg, run=run_script)
     assert failed.value.code == 3 and ("start", "eval-after", "1") not in events
 
 
 def test_pipeline_refuses_a_folder_made_with_other_flags(tmp_path):
     """A re-run skips finished work, so a folder keeps the setting it was made with: a changed flag is
     one line naming it, before any work; more seeds or methods are more work of the same setting."""
-    argv = ["pipeline", "--preset", "test", "--model", "m", "--out", str(tmp_path / "run"),
+    argv = ["paper", "--preset", "test", "--model", "m", "--out", str(tmp_path / "run"),
             "--data_dir", str(tmp_path / "data"), "--sources", f"math={tmp_path / 'missing'}"]
     for flags in ([], ["--seeds", "2", "--methods", "Base", "Hard-Only"]):  # fails at its first stage, after the check
         with pytest.raises(soar.UserError, match="missing"):
-            soar.main(argv + flags)
+            pipeline.main(argv + flags)
     with pytest.raises(soar.UserError, match=r"run made with --lr 0.01, not 0.02: .* or another --out$"):
-        soar.main(argv + ["--lr", "0.02"])
+        pipeline.main(argv + ["--lr", "0.02"])
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["lr"] == 0.01
 
 
@@ -1682,22 +1737,22 @@ def test_fail_at_k_shards_resume_and_split(tiny, toy_train, tmp_path):
     """Two shards count disjoint problems; the split appears once all are counted; a re-run samples nothing."""
     prefix = tmp_path / "filter" / "toy"
     args = ["--model", str(tiny), "--filter_k", "3", "--shards", "2"]
-    first = soar.fail_at_k(soar.make_config(args + ["--shard", "0"], "test"), [toy_train], 3, prefix)
+    first = pipeline.fail_at_k(pipeline.make_config(args + ["--shard", "0"], "test"), [toy_train], 3, prefix)
     assert first is None and not Path(f"{prefix}_test.jsonl").exists()  # shard 1 has not counted yet
-    hard = soar.fail_at_k(soar.make_config(args + ["--shard", "1"], "test"), [toy_train], 3, prefix)
+    hard = pipeline.fail_at_k(pipeline.make_config(args + ["--shard", "1"], "test"), [toy_train], 3, prefix)
     c0, c1 = lines_of(f"{prefix}_counts0.jsonl"), lines_of(f"{prefix}_counts1.jsonl")
     assert len(c0) == 6 and len(c1) == 6 and not {r["id"] for r in c0} & {r["id"] for r in c1}
     assert [r["id"] for r in hard] == [r["id"] for r in lines_of(f"{prefix}_val.jsonl") +
                                        lines_of(f"{prefix}_train.jsonl") + lines_of(f"{prefix}_test.jsonl")]
     assert {r["id"] for r in hard} == {r["id"] for r in c0 + c1 if r["successes"] == 0}
     stamp = Path(f"{prefix}_counts0.jsonl").stat().st_mtime_ns
-    again = soar.fail_at_k(soar.make_config(["--model", str(tiny)], "test"), [toy_train], 3, prefix)
+    again = pipeline.fail_at_k(pipeline.make_config(["--model", str(tiny)], "test"), [toy_train], 3, prefix)
     assert again == hard and Path(f"{prefix}_counts0.jsonl").stat().st_mtime_ns == stamp
 
 
 def test_bench_measures_and_projects_the_run(tiny, tmp_path):
     """bench on CPU (the test model): every measurement, and the paper preset's run projected from them."""
-    out = subprocess.run([sys.executable, str(HERE / "soar.py"), "bench", "--preset", "test", "--model", str(tiny),
+    out = subprocess.run([sys.executable, str(HERE / "pipeline.py"), "bench", "--preset", "test", "--model", str(tiny),
                           "--bench_prompts", "4", "--bench_seq_len", "32", "--max_new_tokens", "8"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True).stdout
     report = json.loads(out[out.index("{"):])
@@ -1707,24 +1762,30 @@ def test_bench_measures_and_projects_the_run(tiny, tmp_path):
     assert report["offload_s"] >= 0 and report["offload_exact"]
     assert report["vllm_sample_tok_s"] > 0 and report["hf_sample_tok_s"] > 0 and report["sync_s"] > 0
     assert 0 <= report["logprob_gap_mean"] < 1e-3  # fp32 on both sides on CPU
-    step, p = report["projection"]["outer_step_s"], soar.Config()
-    assert set(step) == {"teacher_sample", "inner_loops", "baseline_eval", "offload", "teacher_update", "checkpoint",
-                         "total"} and step["total"] == pytest.approx(sum(v for k, v in step.items() if k != "total"))
-    rollouts = p.n_datasets * p.dataset_size  # of 300 tokens after a prompt of 150: the assumed lengths
-    assert step["teacher_update"] == pytest.approx(rollouts * 450 / report["trainer"]["tok_s"])
-    assert step["teacher_sample"] == pytest.approx(report["sync_s"] + rollouts * 300 / report["vllm_sample_tok_s"])
-    assert report["projection"]["soar_run_h"] == pytest.approx(p.outer_steps * step["total"] / 3600)
-    hours = report["projection"]["pipeline_h"]
-    assert set(hours) == {"fail@128", "soar", "intrinsic_t", "trainings", "evaluation", "total"}
-    assert hours["soar"] == pytest.approx(2 * report["projection"]["soar_run_h"]) and hours["total"] > hours["soar"]
-    assert 0 <= report["projection"]["rank0_overhead_share"] < 1
+    assert report["projection"] == pipeline.project_run(report)[0]  # projected from what it measured
     assert set(report["assumed"]) == {"work", "offload"}  # vLLM measured: its rate and sync are not assumed
+
+
+def test_projection_of_the_paper_run_by_hand():
+    """project_run on round measurements, worked by hand for the paper preset (g = 4 datasets, r = 2,
+    n = 64, 10 inner steps of 8 x 8, |Q_R| = 64, on 8 GPUs; the assumed answers of 500 tokens, teacher
+    rollouts of 300, prompts of 150): sampling and training at 10k tokens/s, sync 0.5 s, copies 1 s,
+    an offload round trip 1.8 s, a checkpoint 10 s."""
+    m = {"device": "NVIDIA H100", "vllm_sample_tok_s": 1e4, "sync_s": 0.5, "trainer": {"tok_s": 1e4},
+         "offload_s": 1.8, "checkpoint_s": 10.0, "copies_s": 1.0}
+    step = pipeline.project_run(m)[0]["outer_step_s"]
+    inner_step = 64 * 500 / 1e4 + 0.5 + 64 * 650 / 1e4  # 64 answers sampled, a sync, 64 sequences trained
+    assert step["teacher_sample"] == pytest.approx(0.5 + 256 * 300 / 1e4)  # 8.18 s
+    assert step["inner_loops"] == pytest.approx(10 * inner_step + 64 * 500 / 1e4 + 1.0)  # one per GPU: 82.8 s
+    assert step["baseline_eval"] == pytest.approx(3.2) and step["offload"] == pytest.approx(1.8 * 24 / 18)
+    assert step["teacher_update"] == pytest.approx(256 * 450 / 1e4) and step["checkpoint"] == 0.0  # hidden
+    assert step["total"] == pytest.approx(108.1)
 
 
 def test_projection_says_what_it_assumes_without_vllm():
     m = {"device": "NVIDIA H200", "vllm_sample_tok_s": None, "trainer": {"tok_s": 2e4}, "offload_s": 1.5,
          "checkpoint_s": 40.0, "copies_s": 2.0}
-    projection, assumed = soar.project_run(m)
+    projection, assumed = pipeline.project_run(m)
     assert set(assumed) == {"work", "sampling"} and "vLLM is not installed" in assumed["sampling"]
     step = projection["outer_step_s"]
     assert step["offload"] == pytest.approx(2.0)  # the teacher's 18 B a parameter measured, + the student's 6
