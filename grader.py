@@ -6,17 +6,36 @@ r"""Math answer grading: every RL reward in this project is grade(response, gold
 
 is_equiv tries the cheapest test first, in the numbered sections below (1. normalize, 2. plain
 numbers, 3. tuples, intervals, lists and inequalities, 4. sympy, run in a helper subprocess under
-a time limit); most answers never reach sympy. Choices (README.md gives the reasons):
-  * numbers compare exactly (1000 != 1001, 0.33 != 1/3, 3.1416 != pi); a decimal of 6 or more
-    significant digits is a rounded value (0.166667 == 1/6); "1,000" is 1000, "1,5" the list 1, 5;
-  * units are dropped, and so are % and "percent": 50\% == 50 != 0.5; a degree mark is a unit too,
-    but 60^\circ == \frac{\pi}{3}, the same angle in radians (a bare 60 is not);
-  * "x = 5" == "5"; equations match when one is a nonzero multiple of the other (y = 2x + 1 and
-    2x - y + 1 = 0), inequalities a positive one; an inequality in one variable is the interval it
-    defines (-2 \le x < 7 == [-2, 7)); text and choice letters compare case-insensitively;
-  * boxes that only commas or "and" separate are one list; else the last box is the answer. No
-    fallback to "the last number in the response": a lenient extractor is a reward hack;
-  * nothing raises and nothing hangs: malformed input is simply wrong.
+a time limit); most answers never reach sympy. Sympy decides an expression by evaluating both sides
+at four points (the first two symbols take both signs), never by simplify(), whose time is unbounded.
+
+Choices, each with a test in test_soar.py, and why:
+  * Exact numbers. 1000 != 1001, and a decimal never rounds to an integer (999.9999 != 1000). A
+    decimal with 6 or more significant digits stands for a rounded value and matches when right to
+    them (0.166667 == 1/6, 3.14159 == pi); a shorter one is exact (0.33 != 1/3, 2.5 == 5/2): a
+    reward that takes two-digit roundings pays for an approximation where an exact value is asked.
+  * No European decimal comma. "1,5" is the list 1, 5 and "1,000" is one thousand (a comma before
+    exactly three digits groups thousands); guessing would let "1,5" match both 1.5 and 15.
+  * Units and percent are dropped: 5\text{ cm} == 5, 50\% == 50 percent == 50, but 50\% != 0.5.
+    MATH asks "what percent?" for the number before the sign, and a grader that took both would
+    accept a wrong answer to one of the two questions.
+  * Degrees. A degree mark is a unit (30^\circ == 30), and an answer with pi and no mark is an angle
+    in radians, so 60^\circ == \frac{\pi}{3}; a bare 60 names no unit, since grade() never sees
+    the problem (a gold answer carries the mark when the unit matters).
+  * Relations. An inequality in one variable is the set it defines, compared with intervals and
+    other inequalities either way round (x \ge 5 == 5 \le x == -x \le -5 == [5, \infty), but
+    != (5, \infty) and != 5); a bare interval names no variable, while x > 5 != y > 5. Equations
+    match when one is a nonzero multiple of the other (y = 2x + 1 and 2x - y + 1 = 0), inequalities
+    a positive one; a leading "x =" is stripped.
+  * Boxes. The last box is the answer; boxes before it that only commas, "and" or spaces separate
+    join it into one list (\boxed{1}, \boxed{2} == 1, 2). "Or" between boxes offers alternatives
+    (MATH-500 writes \boxed{15\frac{39}{40}}, or \boxed{\frac{639}{40}}): the last box stays the
+    answer, so a hedge still gets one answer read.
+  * No sentence in a box counts as its number (\boxed{\text{The answer is 5}} != 5), and there is
+    no fallback to the last number of an unboxed response: a lenient extractor is a reward hack.
+  * Tuples and intervals keep their brackets ([1, 2) != (1, 2), (1, 2) != \{1, 2\}), bare lists
+    are unordered; text and choice letters compare case-insensitively.
+  * Nothing raises and nothing hangs: malformed input is simply wrong.
 """
 import atexit
 import cmath
