@@ -3,6 +3,7 @@ r"""Math answer grading: every RL reward in this project is grade(response, gold
     extract_answer(response) -> str | None   the final \boxed{...} answer of a response
     is_equiv(pred, gold) -> bool             are two final answers the same?
     grade(response, gold) -> float           1.0 or 0.0
+    parsable(answer) -> bool                 can it be read as mathematics (a teacher's answer, B.2)?
 
 is_equiv tries the cheapest test first, in the numbered sections below (1. normalize, 2. plain
 numbers, 3. tuples, intervals, lists and inequalities, 4. sympy, run in a helper subprocess under
@@ -473,6 +474,29 @@ def is_equiv(pred: str, gold: str) -> bool:
         return _equal(_normalize(pred), _normalize(gold), 0, [SYMPY_TIMEOUT_S])
     except Exception:  # noqa: BLE001 - a reward function must never crash the trainer
         return False
+
+def parsable(answer: str) -> bool:
+    r"""Can the grader read `answer` (a boxed answer's content) as mathematics? The paper keeps a
+    teacher's question only when its answer parses in a symbolic checker (B.2): a number, an
+    expression sympy reads, an equation or inequality of such, a tuple, interval, matrix or list of
+    them, or a short text answer (a choice letter, a name: at most three words; a sentence is not)."""
+    try:
+        s = _normalize(answer) if isinstance(answer, str) and len(answer) <= MAX_ANSWER_CHARS else ""
+        return _readable(s, 0)
+    except Exception:  # noqa: BLE001 - malformed input is simply unparsable
+        return False
+
+def _readable(s, depth):
+    if depth > 8 or not s:
+        return False
+    if _REL.search(s) or len(sides := _split_top(s, "=")) > 1:  # relations and equations: every side
+        return all(_readable(side, depth + 1) for side in (_REL.split(s)[::2] if _REL.search(s) else sides))
+    kind, *parts = _structure(s)
+    if kind != "atom":
+        return all(_readable(x, depth + 1) for x in parts[-1])
+    atom = parts[0].replace("°", "")
+    return bool(re.fullmatch(r"[A-Za-z]+(?: [A-Za-z]+){0,2}", atom)) or _to_number(atom) is not None \
+        or _to_python(atom) is not None
 
 def grade(response: str, gold: str) -> float:
     r"""1.0 if the last \boxed{} answer of `response` is equivalent to `gold`, else 0.0.

@@ -63,92 +63,122 @@ except ImportError:  # progress bars are a nicety, never a requirement
 # (make_config, section 7). [paper] = stated in Sundaram et al. 2026; [ours] = our choice.
 
 
+MATH_SUBJECTS = ("Algebra, Counting and Probability, Geometry, Intermediate Algebra, Number Theory, Prealgebra, "
+                 "Precalculus")
+
+
 @dataclass
 class Config:
     # --- models ---
-    model: str = "meta-llama/Llama-3.2-3B-Instruct"  # [paper] teacher and student are both copies of it
+    model: str = "meta-llama/Llama-3.2-3B-Instruct"  # [paper 4.1] teacher and student are both copies of it
     sampler: str = "auto"           # [ours] "vllm" when importable, else "hf" (HF generate, slow)
-    gpu_memory_utilization: float = 0.2  # [ours] vLLM's share of GPU memory (16 GB of 80: weights + KV);
-                                    #        the trainer needs the rest (README, memory plan)
+    gpu_memory_utilization: float = 0.15  # [ours] vLLM's share of GPU memory (12 GB of 80: weights + KV);
+                                    #        the trainer and its KL reference need the rest (README, memory plan)
     max_model_len: int = 2048       # [ours] prompt + response tokens
     gradient_checkpointing: bool = True  # [ours] GPU only: trades ~30% compute for activations
-    micro_batch_tokens: int = 8192  # [ours] tokens per forward/backward (padding included)
+    micro_batch_tokens: int = 4096  # [ours] tokens per forward/backward, padding included (README, memory plan)
     seed: int = 0                   # [ours] the run's randomness derives from it (seed_of)
-    # --- RL (student inner loop, Hard-Only baseline, PQ protocol) ---
-    algo: str = "rloo"              # [paper] the student and the teacher are both trained with RLOO
-    lr: float = 1e-6                # [ours] usual for RL on 3B instruct models
-    weight_decay: float = 0.0       # [ours]
-    max_grad_norm: float = 1.0      # [ours]
-    clip_eps: float = 0.2           # [ours] PPO's value; with one update per batch it only matters
-                                    #        through sampler/trainer mismatch
-    kl_beta: float = 0.0            # [ours] no KL: no frozen reference copy is held in memory; the
-                                    #        reference is always --model, the run's starting point
-    batch_size: int = 8             # [ours] `train`: problems per RL step, as the inner loop's 8 [paper]
-    group_size: int = 8             # [ours] samples per problem (RLOO needs >= 2)
-    temperature: float = 1.0        # [ours] sampling temperature for training and pass@k
-    max_new_tokens: int = 1024      # [ours] student response budget
-    steps: int = 100                # [ours] `train`: RL steps
+    # --- RL: the student (the inner loop, and every training of the protocol) ---
+    algo: str = "rloo"              # [paper 3.3] the student and the teacher are both trained with RLOO
+    lr: float = 1e-5                # [paper Table 3]
+    lr_schedule: str = "cosine"     # [paper Table 3] cosine decay, to 0 at the run's last step [ours: the
+                                    #        final value is not stated]; "constant"
+    warmup: int = 0                 # [paper Table 3] lr warmup steps: 0 in the inner loop (the protocol: 20)
+    weight_decay: float = 0.0       # [ours] not stated
+    max_grad_norm: float = 1.0      # [ours] not stated
+    clip_eps: float = 0.2           # [ours] PPO's value, not stated; with one update per batch it only
+                                    #        matters through sampler/trainer mismatch
+    kl_beta: float = 0.001          # [paper Table 3] k3 KL to a frozen reference: where the run started
+                                    #        (an inner loop: the baseline student [ours: not stated])
+    batch_size: int = 8             # [paper Table 3] problems per RL step (the inner loop and `train`)
+    group_size: int = 32            # [paper Table 3] samples per problem (RLOO needs >= 2)
+    temperature: float = 1.0        # [paper Table 3]
+    max_new_tokens: int = 1024      # [paper Table 3] the student's response budget
+    reward_levels: str = "120,20,10,0"  # [paper B.3] boxed and right, boxed and wrong but holding the gold
+                                    #        answer, boxed and wrong, no box ("1,0,0,0": right or not); the
+                                    #        printed scale [ours: only its ratios matter to RLOO, but it sets
+                                    #        the KL penalty's weight]
+    steps: int = 1500               # [paper B.6] `train`: RL steps
     save_every: int = 50            # [ours] `train`: checkpoint interval (steps)
-    # --- SOAR outer loop ---
-    outer_steps: int = 200          # [paper]
-    dataset_size: int = 64          # [paper] n, questions per teacher dataset
-    n_datasets: int = 4             # [ours] g, datasets per outer step: g*r = 8 inner loops = 8 GPUs
-    repeats: int = 2                # [ours] r, inner loops per dataset (averages out R(X_k)'s noise)
-    qr_size: int = 64               # [paper] |Q_R|, hard problems the reward is measured on
-    inner_steps: int = 10           # [paper] student RL steps per inner loop
-    inner_batch: int = 8            # [paper] problems per inner step
-    tau: float = 0.01               # [paper] promotion threshold on the moving average reward
-    window: int = 3                 # [paper] moving-average window (outer steps)
-    teacher_lr: float = 1e-6        # [ours]
-    teacher_kl_beta: float = 0.0    # [ours] the teacher's own kl_beta: anchors a fast teacher's answers
-    teacher_temperature: float = 1.0  # [ours]
-    teacher_max_new_tokens: int = 512  # [ours] one problem and its answer fit easily
-    parse_penalty: float = -0.1     # [ours] reward of an unparseable rollout: below a useless (R = 0) question
-    teacher_reward: str = "grounded"  # [paper] "grounded" (SOAR) or "learnability" (Intrinsic-T): TEACHER_REWARDS
-    learnability_samples: int = 8   # [ours] student samples per question for Intrinsic-T's success rate
-    eval_max_new_tokens: int = 1024  # [ours] greedy decoding: Q_R, PS selection, `eval`'s greedy accuracy
+    synthetic: list = field(default_factory=list)  # `train`: synthetic questions trained on besides --data
+    curriculum_steps: int = 0       # [paper B.6] `train`: the first N steps on --synthetic only, then --data
+                                    #        (MATH: 64); 0: both mixed throughout (HARP, OlympiadBench)
+    # --- SOAR: the outer loop ---
+    outer_steps: int = 200          # [paper 4.2]
+    dataset_size: int = 64          # [paper 4.2] n, questions per teacher dataset
+    n_datasets: int = 4             # [paper Table 3] g, the teacher's RLOO group: datasets compared
+    teacher_batch: int = 2          # [paper Table 3] RLOO groups per outer step: g x batch datasets
+    repeats: int = 4                # [paper B.3] r, inner loops per dataset, averaged into R(X_k)
+    qr_size: int = 64               # [paper 4.2] |Q_R|, hard problems the reward is measured on
+    inner_steps: int = 10           # [paper 3.3] student RL steps per inner loop
+    promoted_inner_steps: int = 15  # [paper B.7] inner steps once the baseline has been promoted (+5)
+    tau: float = 0.01               # [paper 4.2] promotion threshold on the moving average reward
+    window: int = 3                 # [paper 4.2] moving-average window (outer steps)
+    promote_repeat: str = "median"  # [paper Alg. 1] which of the best dataset's repeats is promoted: "median"
+                                    #        (r = 4: the lower middle [ours]) or "best" (ours, earlier)
+    promotion_gate: bool = False    # [ours] also require the best dataset's own R > tau (off: Alg. 1 has none)
+    teacher_lr: float = 1e-5        # [paper Table 3]
+    teacher_warmup: int = 20        # [paper Table 3]
+    teacher_kl_beta: float = 0.001  # [paper Table 3] to the untrained teacher
+    teacher_temperature: float = 1.0  # [paper Table 3]
+    teacher_max_new_tokens: int = 512  # [paper Table 3]
+    teacher_topics: str = MATH_SUBJECTS  # [paper B.1] the topics the teacher prompt allows
+    rejection_sampling: bool = True  # [paper B.2] draw until g*n*batch rollouts parse, train on those only
+    max_teacher_draws: int = 8      # [ours] rejection sampling gives up after drawing 8x what it needs
+    parse_penalty: float = -0.1     # [ours] without rejection sampling: an unparseable rollout's reward
+    teacher_reward: str = "grounded"  # [paper 3.2] "grounded" (SOAR) or "learnability" (Intrinsic-T): TEACHER_REWARDS
+    learnability_samples: int = 32  # [paper B.4] student samples per question for Intrinsic-T's success rate
+    eval_max_new_tokens: int = 1024  # [paper Table 3] greedy decoding: Q_R, PS selection, `eval`
+    teacher_snapshots: list = field(default_factory=list)  # outer steps after which a copy of the teacher
+                                    #        is kept (teacher_step_XXXX; the paper samples HARP's at 170, B.7)
     checkpoint_every: int = 1       # [ours] outer steps between teacher checkpoints (38.5 GB each at 3B);
                                     #        a crash repeats the steps since the last one
-    # --- eval ---
-    eval_n: int = 32                # [ours] samples per problem for pass@k (`eval --n`)
-    eval_k: str = "1,2,4,8,16,32"   # [paper] the k of the pass@k curves (`eval --k`)
+    # --- evaluation ---
+    eval_n: int = 32                # [paper 4.3] samples per problem for pass@k (`eval --n`)
+    eval_k: str = "1,4,8,16,32"     # [paper 4.3] the k of pass@k (`eval --k`)
+    curve_every: int = 0            # [ours] `train`: pass@k and greedy accuracy on --curve_data every N steps
     # --- files ---
     data: list = field(default_factory=lambda: ["runs/paper/filter/math_train.jsonl"])  # problem files (jsonl)
     out: str = "runs/paper"         # the folder a command writes: a run, or the pipeline's root
     resume: str = ""                # a SOAR run to continue: its config.json, changed only by the flags given
     curve_data: str = ""            # `train`: held-out problems for a learning curve
-    curve_every: int = 0            # [ours] `train`: greedy accuracy on curve_data every N steps (0: never)
     output: str = ""                # `eval`: also write the result to this file
     method: str = ""                # `eval`: labels stored in that JSON
     dataset: str = ""               # `eval`: a label in its JSON (pipeline.py: the dataset's name)
+    teacher: str = ""               # `eval`: a label in its JSON (pipeline.py: the teacher run it comes from)
     note: str = ""                  # `eval`: a remark in its JSON (the pipeline's: why a method degenerated)
 
 
 PRESETS = {
-    # The paper's setting on one 8-GPU node (Section 4 of the paper; g and r are ours).
+    # The paper's setting, value for value (Table 3 and Appendix B): 2 x 4 datasets x 4 repeats = 32 inner
+    # loops a step, the paper's 4 nodes of 8 GPUs.
     "paper": dict(),
-    # A real LM through vLLM on a laptop CPU in ~5 minutes: SmolLM2-135M-Instruct on our own small hard
-    # set (data/demo_hard.jsonl). At 135M the measured improvement is 0, so at the paper's tau nothing
-    # is promoted (the lab shows promotions earned). Teacher temperature 0.7: more parseable output.
+    # The paper on one node of 8 GPUs: 8 inner loops a step, one per GPU, in about a quarter of the time
+    # (README, time). What it gives up: the teacher's second RLOO group (half the rollouts per update)
+    # and two of the four repeats (R(X_k) twice as noisy). Every other value is the paper's.
+    "node": dict(teacher_batch=1, repeats=2),
+    # A real LM through vLLM on a laptop CPU in minutes: SmolLM2-135M-Instruct on our own small hard
+    # set (data/demo_hard.jsonl), the paper's mechanics at small sizes [ours], but for rejection
+    # sampling: a 135M model does not write the tagged format (README, the demo), so its rollouts are
+    # all trained on, an unparseable one with the parse penalty.
     "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo_hard.jsonl"], out="runs/demo",
-                 outer_steps=4, dataset_size=16, n_datasets=2, repeats=1, qr_size=8, inner_steps=2,
-                 inner_batch=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
-                 eval_max_new_tokens=160, teacher_temperature=0.7, lr=1e-5, teacher_lr=1e-5,
-                 max_model_len=768, micro_batch_tokens=4096, window=2),
+                 outer_steps=4, dataset_size=8, n_datasets=2, teacher_batch=1, repeats=1, qr_size=8, inner_steps=2,
+                 promoted_inner_steps=3, batch_size=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
+                 eval_max_new_tokens=160, max_model_len=768, window=2, rejection_sampling=False),
     # The lab (data/lab): the paper's comparison on a laptop CPU (`python pipeline.py lab`). Sizes [ours]
     # except |Q_R| = 64 and fail@128 [paper]; the lrs were chosen on Q_R (data/lab/README.md).
     "lab": dict(model="models/lab", data=[], out="runs/lab", sampler="hf", outer_steps=12, dataset_size=16,
-                n_datasets=4, repeats=1, qr_size=64, inner_steps=10, inner_batch=8, group_size=8, lr=1.5e-4,
-                teacher_lr=3e-5, max_new_tokens=16, teacher_max_new_tokens=64, eval_max_new_tokens=16,
-                max_model_len=256, micro_batch_tokens=4096, steps=40, save_every=40, curve_every=5, eval_n=16,
-                eval_k="1,2,4,8,16"),
+                n_datasets=4, teacher_batch=1, repeats=1, qr_size=64, inner_steps=10, promoted_inner_steps=15,
+                batch_size=8, group_size=8, lr=1.5e-4, teacher_lr=3e-5, teacher_warmup=0, max_new_tokens=16,
+                teacher_max_new_tokens=64, eval_max_new_tokens=16, max_model_len=256, steps=40, save_every=40,
+                curve_every=5, eval_n=16, eval_k="1,2,4,8,16"),
     # A tiny model for the tests and the pre-flight check: `main` builds it (build_tiny_model) when
-    # --model is not given. Its character tokenizer makes prompts long: the teacher's is 275 tokens.
-    "test": dict(model="", data=["data/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, repeats=1,
-                 qr_size=4, inner_steps=2, inner_batch=2, group_size=2, max_new_tokens=16, teacher_max_new_tokens=48,
-                 eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3, max_model_len=1024,
-                 micro_batch_tokens=2048, sampler="hf", tau=-1.0, steps=2, eval_n=4, eval_k="1,2,4",
-                 out="runs/test-pipeline"),
+    # --model is not given. Its character tokenizer makes prompts long: the teacher's is ~380 tokens.
+    "test": dict(model="", data=["data/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, teacher_batch=1,
+                 repeats=1, qr_size=4, inner_steps=2, promoted_inner_steps=3, batch_size=2, group_size=2,
+                 max_new_tokens=16, teacher_max_new_tokens=64, eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3,
+                 teacher_warmup=0, max_model_len=2048, micro_batch_tokens=2048, sampler="hf", tau=-1.0, steps=2,
+                 eval_n=4, eval_k="1,2,4", out="runs/test-pipeline"),
 }
 # Environment a preset's processes must start with (torch and MKL read it once, at start): the lab's
 # world is its model, and these pin the CPU kernels its build runs on (data/lab/README.md).
@@ -156,10 +186,10 @@ PRESET_ENV = {"lab": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}}
 
 
 def teacher_config(cfg):
-    """The teacher's RL settings, in one place: its own lr, KL coefficient, sampling temperature and
-    token budget; clip, gradient-norm and micro-batch settings are the student's [ours: the paper
-    states neither's]."""
-    return dataclasses.replace(cfg, lr=cfg.teacher_lr, kl_beta=cfg.teacher_kl_beta,
+    """The teacher's RL settings, in one place: its own lr, warmup, KL coefficient, sampling
+    temperature and token budget; the schedule's shape, clip, gradient-norm and micro-batch
+    settings are the student's [ours: the paper states the latter for neither]."""
+    return dataclasses.replace(cfg, lr=cfg.teacher_lr, warmup=cfg.teacher_warmup, kl_beta=cfg.teacher_kl_beta,
                                temperature=cfg.teacher_temperature, max_new_tokens=cfg.teacher_max_new_tokens)
 
 
@@ -308,32 +338,45 @@ def read_log(path):
     return rows
 
 
-# The student prompt: step-by-step reasoning, final answer boxed (what grader.extract_answer reads).
-STUDENT_PROMPT = ("{problem}\n\nSolve the problem step by step. "
-                  "Put your final answer within \\boxed{{}}.")
+# The student prompt [paper B.1], the same for fail@128, the inner loop and the protocol's trainings:
+# the paper's elements (a User/Assistant conversation, reasoning step by step, the result as "The final
+# answer is: \boxed{...}"), in our words. It goes through the model's chat template as the user turn
+# [ours: the paper does not say whether its frame went through one].
+STUDENT_PROMPT = ("A conversation between User and Assistant. The User gives a math problem and the "
+                  "Assistant solves it: its reasoning first, step by step, then the result in \\boxed{{}}, "
+                  "always in the form 'User: [question] Assistant: [reasoning, step by step] The final "
+                  "answer is: \\boxed{{[answer]}}.'\n\nUser: {problem} Assistant:")
 
-# The teacher prompt: one fixed, generic instruction; the teacher never sees D_train [paper]. The
-# format and its one generic example are ours (README, the demo: they raise a 135M model's parse rate).
-TEACHER_PROMPT = ("Write one new math problem for a student to practice, then its final answer, "
-                  "in this format:\n\nQuestion: <the problem>\nAnswer: \\boxed{<the final answer>}\n\n"
-                  "For example:\nQuestion: A box holds 3 red and 5 blue pens. How many pens does it hold?\n"
-                  "Answer: \\boxed{8}")
+# The teacher prompt [paper B.1], one fixed prompt every step: the paper's elements (a new problem for
+# a math assistant, the allowed topics, the tagged format, explanations outside the tags, original and
+# challenging, at least 2-3 steps of reasoning, exactly one problem), in our words. No example
+# question: given seed questions, the paper's teacher lost diversity and copied them.
+TEACHER_PROMPT = ("Write a new math problem for a math assistant to solve. Allowed topics: {topics}.\n\n"
+                  "Format, followed exactly: the problem between <question> and </question>, then its answer "
+                  "between <answer> and </answer> as \\boxed{{the answer}}. Any explanation or working goes "
+                  "outside these tags.\n\nThe problem must be original and challenging, take at least 2-3 "
+                  "steps of reasoning, and be the only one you write.\n\nBegin.")
+
+
+def teacher_prompt(cfg):
+    return TEACHER_PROMPT.format(topics=cfg.teacher_topics)
 
 
 def parse_teacher_output(text, max_chars=4000):  # [ours] no real question is longer
-    """(question, answer): the text between the first 'Question:' and the last 'Answer:', and the
-    boxed answer after it; else None. Strict on purpose: an unparseable rollout never reaches the
-    student."""
+    r"""(question, answer) of a teacher rollout in the tagged format [paper B.2]: the text inside the
+    first <question>...</question>, and the \boxed{} answer inside the <answer>...</answer> after it,
+    which the grader must read as mathematics (grader.parsable); else None. A question holding a
+    \boxed{} is rejected too [ours]: it would hand the student its answer."""
     if not isinstance(text, str) or len(text) > max_chars:
         return None
-    q_at, a_at = text.find("Question:"), text.rfind("Answer:")
-    if q_at < 0 or a_at < q_at:
+    q = re.search(r"<question>(.*?)</question>", text, re.S)
+    a = q and re.search(r"<answer>(.*?)</answer>", text[q.end():], re.S)
+    if not a:
         return None
-    question = text[q_at + len("Question:"):a_at].strip()
-    answer = grader.extract_answer(text[a_at:])
-    if not question or answer is None or not answer.strip() or "\\boxed" in question:
-        return None  # a question carrying its own boxed answer would leak it to the student
-    return question, answer.strip()
+    question, answer = q[1].strip(), (grader.extract_answer(a[1]) or "").strip()
+    if not question or "\\boxed" in question or not grader.parsable(answer):
+        return None
+    return question, answer
 
 
 def chat_ids(tokenizer, content):
@@ -358,7 +401,7 @@ def check_fits(cfg, tok, paths=(), budgets=("max_new_tokens",), teacher=False):
     checks = [(where, student(text_field(row, "problem", where)), flag)
               for p in paths for where, row in jsonl_rows(Path(p).read_text(encoding="utf-8"), p)]
     if teacher:
-        checks += [("the teacher prompt", len(chat_ids(tok, TEACHER_PROMPT)), "teacher_max_new_tokens"),
+        checks += [("the teacher prompt", len(chat_ids(tok, teacher_prompt(cfg))), "teacher_max_new_tokens"),
                    ("a student prompt holding a question of --teacher_max_new_tokens tokens",
                     student("") + cfg.teacher_max_new_tokens, "max_new_tokens")]
     for where, n, flag in sorted(checks, key=lambda c: -c[1] - getattr(cfg, c[2]))[:1]:
@@ -518,7 +561,7 @@ class Policy:
     (autocast would recast every weight in every forward); each bf16 gradient is added to the fp32
     master gradient when complete (README, memory plan: why fp32, and the sizes)."""
 
-    def __init__(self, path, cfg, engine, device, dtype=None):
+    def __init__(self, path, cfg, engine, device, dtype=None, reference=None, horizon=None):
         from transformers import AutoModelForCausalLM
         self.path, self.cfg, self.engine = str(path), cfg, engine
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # CPU: bf16 matmuls are slow
@@ -535,10 +578,11 @@ class Policy:
         self.optimizer = torch.optim.AdamW(self.master, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=device.type == "cuda")  # [ours] defaults
         self.version = 0  # bumped whenever the weights change, so engines know when to re-sync
+        self.updates, self.horizon = 0, horizon  # optimizer steps of this run, and its length (lr_factor; None: no decay)
         self.pinned = {}  # to(): the CPU side of each tensor
-        self.ref = None   # the frozen reference for the KL penalty (--model, also when resuming), if kl_beta > 0
+        self.ref = None   # the frozen reference for the KL penalty, if kl_beta > 0: `reference` (--model)
         if cfg.kl_beta:
-            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
+            self.ref = AutoModelForCausalLM.from_pretrained(str(reference or cfg.model), dtype=dtype).to(device)
             self.ref.requires_grad_(False)
 
     def sample(self, prompts, n, temperature, max_tokens, seed):
@@ -557,8 +601,8 @@ class Policy:
 
     @torch.no_grad()
     def set_state(self, state=None):
-        """Load master weights (from state() or a state_dict), and the optimizer starts fresh (each
-        inner loop is a fresh RL run). state=None, after an optimizer step: the copy follows."""
+        """Load master weights (from state() or a state_dict), and the optimizer and its schedule start
+        fresh (each inner loop is a fresh RL run). state=None, after an optimizer step: the copy follows."""
         with timed("copy"):
             for name, p, m in zip(self.names, self.model.parameters(), self.master):
                 if state is not None:
@@ -567,6 +611,13 @@ class Policy:
                 if p is not m:
                     p.copy_(m)
             self.version += 1
+            self.updates = 0 if state is not None else self.updates
+
+    @torch.no_grad()
+    def set_reference(self, state):
+        """The KL penalty's reference becomes `state` (a promoted baseline: where inner loops now start)."""
+        for name, p in self.ref.named_parameters() if self.ref is not None else ():
+            p.copy_(state[name])
 
     def to(self, device, optimizer=True):
         """Move the policy (weights, master weights, Adam states) between CPU and GPU: the teacher lives
@@ -576,6 +627,8 @@ class Policy:
         tensors = {("weight", i): p for i, p in enumerate(self.model.parameters())}
         for i, m in enumerate(self.master if optimizer else []):  # keys: the same tensor's buffer each time
             tensors.update({("master", i): m, **{(key, i): v for key, v in self.optimizer.state.get(m, {}).items()}})
+        for i, r in enumerate(self.ref.parameters() if optimizer and self.ref is not None else []):
+            tensors[("ref", i)] = r
         with timed("offload"):
             for key, t in tensors.items():
                 if t.device != device and device.type == "cuda":
@@ -798,21 +851,48 @@ def policy_update(policy, completions, advantages, cfg):
         stats["kl_sampler"] += ((old - logprobs).detach() * m).sum().item()  # k1 estimate, sampler || trainer
         stats["tokens_trained"] += int(m.sum().item())
         stats["padding"] += mask.numel() - sum(len(s) - 1 for s in seqs)
-    if batches:  # AdamW on the fp32 master weights, then the model's copy follows them
+    if batches:  # AdamW on the fp32 master weights at the schedule's lr, then the model's copy follows them
         torch.nn.utils.clip_grad_norm_(policy.master, cfg.max_grad_norm)
+        stats["lr"] = cfg.lr * lr_factor(policy.updates, cfg.warmup, policy.horizon, cfg.lr_schedule)
+        for group in policy.optimizer.param_groups:
+            group["lr"] = stats["lr"]
         policy.optimizer.step()
         policy.optimizer.zero_grad(set_to_none=True)
         policy.set_state()
+    policy.updates += 1  # a step of the schedule, also when nothing was trained
     for key in ("kl_sampler", "kl_ref"):
         if key in stats:
             stats[key] /= max(stats["tokens_trained"], 1)
     return stats
 
 
-def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
-    """One step of RL with verifiable rewards: sample a group per problem, grade, update.
+def lr_factor(update, warmup, horizon, schedule="cosine"):
+    """The lr's factor at optimizer step `update` (from 0) of a run of `horizon` steps [paper Table 3]:
+    linear warmup over `warmup` steps, then cosine decay from 1 to 0 at the run's end ("constant", or
+    no horizon: 1)."""
+    if update < warmup:
+        return (update + 1) / warmup
+    if schedule == "constant" or horizon is None:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (update - warmup) / max(1, horizon - warmup))))
 
-    problems: dicts with "problem" and "answer" (for the inner loop: the teacher's answer)."""
+
+def student_reward(response, gold, levels):
+    """The student's reward [paper B.3, which grades with Math-Verify; grader.py here]: levels[0] if the
+    last boxed answer is right, levels[1] if it is wrong but holds the gold answer, levels[2] if it is
+    wrong, levels[3] with no box. pass@k and the accuracy on Q_R count right answers only."""
+    answer = grader.extract_answer(response)
+    if answer is None:
+        return levels[3]
+    if grader.grade(response, gold):
+        return levels[0]
+    return levels[1] if "".join(str(gold).split()) in "".join(answer.split()) else levels[2]
+
+
+def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=None):
+    """One step of RL with verifiable rewards: sample a group per problem, reward (student_reward at
+    cfg's levels), update. problems: dicts with "problem" and "answer" (the inner loop: the teacher's)."""
+    reward_fn = reward_fn or functools.partial(student_reward, levels=[float(v) for v in cfg.reward_levels.split(",")])
     t0 = time.time()
     with timed("rl_sample"):
         groups = policy.sample(student_prompts(tokenizer, problems), cfg.group_size, cfg.temperature, cfg.max_new_tokens, seed)
@@ -827,7 +907,8 @@ def rl_step(policy, tokenizer, problems, cfg, seed, reward_fn=grader.grade):
         stats = policy_update(policy, flat, adv.flatten(), cfg)
     t3 = time.time()
     sampled = sum(len(c.ids) for c in flat)
-    return dict(reward=rewards.mean().item(), solved_share=(rewards.max(-1).values > 0).float().mean().item(),
+    return dict(reward=rewards.mean().item(), solved_share=(rewards.max(-1).values >= float(
+                    cfg.reward_levels.split(",")[0])).float().mean().item(),  # groups with a right answer
                 # -mean log-prob of the sampled tokens estimates the entropy per token (at the temperature)
                 entropy=-sum(sum(c.logprobs) for c in flat) / max(sampled, 1), response_len=sampled / len(flat),
                 sample_s=t1 - t0, grade_s=t2 - t1, train_s=t3 - t2, sample_tok_s=sampled / max(t1 - t0, 1e-9),
@@ -918,36 +999,69 @@ def sample_reward_set(d_train, cfg, step):
     return random.Random(seed_of(cfg.seed, step, "qr")).sample(d_train, min(cfg.qr_size, len(d_train)))
 
 
+def draw_questions(teacher, tok, cfg, count, seed, rejection=True):
+    """Teacher rollouts of the one fixed prompt, parsed: with rejection sampling [paper B.2], drawn
+    until `count` parse (each draw asks for what is missing, at the parse rate so far; at most
+    max_teacher_draws x count in all), the rest dropped; without, `count` drawn once and kept, the
+    unparseable as None. Returns (rollouts, questions [{"problem", "answer", "rollout"} or None],
+    number drawn); raises UserError when the teacher cannot fill `count`."""
+    prompt, kept, questions, drawn = chat_ids(tok, teacher_prompt(cfg)), [], [], 0
+    for draw in range(cfg.max_teacher_draws if rejection else 1):
+        ask = min(count * cfg.max_teacher_draws - drawn,
+                  math.ceil((count - len(questions)) * max(1, drawn / max(len(questions), 1))))
+        if ask <= 0:
+            break
+        for c in teacher.sample([prompt], ask, cfg.teacher_temperature, cfg.teacher_max_new_tokens,
+                                seed_of(seed, draw))[0]:
+            parsed = parse_teacher_output(c.text)
+            if (parsed or not rejection) and len(kept) < count:
+                kept.append(c)
+                questions.append(parsed and {"problem": parsed[0], "answer": parsed[1], "rollout": len(kept) - 1})
+        drawn += ask
+        if len(questions) == count:
+            break
+    if len(questions) < count:
+        raise UserError(f"the teacher wrote {len(questions)} parseable rollouts of the {count} needed in {drawn} draws; "
+                        f"its model does not write the tagged format. --rejection_sampling false trains on every "
+                        f"rollout, an unparseable one rewarded --parse_penalty; or raise --max_teacher_draws")
+    return kept, questions, drawn
+
+
 def teacher_datasets(loop, step):
-    """Step 2 (rank 0, then shared with every worker): g*n teacher rollouts from one fixed prompt,
-    parsed, split by rollout index into g datasets of n. Returns the rollouts (Completion, rank 0)
-    and per dataset the parsed questions [{"problem", "answer", "rollout"}]; unparseable rollouts
-    are left out of the datasets."""
-    cfg, teacher, rollouts, datasets = loop.cfg, loop.teacher, None, None
+    """Step 2 (rank 0, then shared with every worker): teacher_batch x g datasets of n questions,
+    split by rollout index. With rejection sampling [paper B.2] only parsed rollouts are kept: with
+    RLOO's advantages, which sum to zero, the update on them is the update of the distribution they
+    were drawn from (Proposition 1), so the rejected ones need no term. Without, the unparseable
+    rollouts stay out of the datasets and are trained on with parse_penalty. Returns the rollouts
+    (rank 0), per dataset its questions, and the number of rollouts drawn."""
+    cfg, teacher, need = loop.cfg, loop.teacher, loop.cfg.teacher_batch * loop.cfg.n_datasets * loop.cfg.dataset_size
+    rollouts, datasets, drawn, error = [], None, 0, None
     if teacher is not None:
         with timed("teacher_sample"):  # vLLM takes the weights from the CPU; HF generate needs them here
             teacher.to(loop.device if isinstance(teacher.engine, HFEngine) else torch.device("cpu"), optimizer=False)
-            rollouts = teacher.sample([chat_ids(loop.tok, TEACHER_PROMPT)], cfg.n_datasets * cfg.dataset_size,
-                                      cfg.teacher_temperature, cfg.teacher_max_new_tokens,
-                                      seed_of(cfg.seed, step, "teacher"))[0]
+            try:
+                rollouts, questions, drawn = draw_questions(teacher, loop.tok, cfg, need, seed_of(cfg.seed, step, "teacher"),
+                                                            cfg.rejection_sampling)
+                datasets = [[q for q in questions[k * cfg.dataset_size:(k + 1) * cfg.dataset_size] if q]
+                            for k in range(need // cfg.dataset_size)]
+            except UserError as e:
+                error = str(e)
             teacher.to(torch.device("cpu"), optimizer=False)
-        datasets = [[] for _ in range(cfg.n_datasets)]
-        for i, c in enumerate(rollouts):
-            parsed = parse_teacher_output(c.text)
-            if parsed:
-                datasets[i // cfg.dataset_size].append({"problem": parsed[0], "answer": parsed[1], "rollout": i})
-    return rollouts, broadcast(datasets)
+    datasets, drawn, error = broadcast((datasets, drawn, error))
+    if error:  # every worker stops with the same one line
+        raise UserError(error)
+    return rollouts, datasets, drawn
 
 
-def inner_loop(student, tokenizer, dataset, q_r, cfg, step, k, repeat, probe):
+def inner_loop(student, tokenizer, dataset, q_r, cfg, step, k, repeat, probe, steps):
     """One job of step 3: the student, which the caller keeps at the baseline's exact weights between
-    jobs, trains on X_k with RLOO for inner_steps steps of inner_batch problems [paper: 10 x 8],
-    the teacher's answers as ground truth; then its greedy accuracy on Q_R."""
-    probe("inner_start", student=student, k=k, repeat=repeat)
+    jobs, trains on X_k with RLOO for `steps` steps of batch_size problems [paper: 10 x 8, 15 once a
+    student was promoted], the teacher's answers as ground truth; then its greedy accuracy on Q_R."""
+    probe("inner_start", student=student, k=k, repeat=repeat, steps=steps)
     rng = random.Random(seed_of(cfg.seed, step, k, repeat, "inner"))
-    logs = []
-    for s in range(cfg.inner_steps if dataset else 0):
-        batch = [dataset[rng.randrange(len(dataset))] for _ in range(cfg.inner_batch)]  # [ours] drawn with
+    student.horizon, logs = steps, []  # the lr schedule spans this inner loop
+    for s in range(steps if dataset else 0):
+        batch = [dataset[rng.randrange(len(dataset))] for _ in range(cfg.batch_size)]  # [ours] drawn with
         # replacement: 10 x 8 draws from n = 64 questions
         logs.append(rl_step(student, tokenizer, batch, cfg, seed_of(cfg.seed, step, k, repeat, s)))
     acc = greedy_accuracy(student, tokenizer, q_r, cfg.eval_max_new_tokens)
@@ -961,14 +1075,15 @@ def grounded_reward(loop, datasets, q_r, step):
     (k, repeat), and the baseline's accuracy on the last worker (rank 0 also has the teacher's work).
     Returns R and what was measured (the promotion reads it)."""
     cfg, world_size = loop.cfg, ranks()[1]
-    jobs = [(k, j) for k in range(cfg.n_datasets) for j in range(cfg.repeats)]
+    jobs = [(k, j) for k in range(len(datasets)) for j in range(cfg.repeats)]
     owners = {job: i % world_size for i, job in enumerate(jobs)} | {"baseline": world_size - 1}
     keep = len(loop.state["window"]) + 1 >= cfg.window  # a promotion is possible this step
+    steps = cfg.promoted_inner_steps if loop.state["promotions"] else cfg.inner_steps  # [paper B.7]
 
     def run_job(job):
         if job == "baseline":
             return {"acc": greedy_accuracy(loop.student, loop.tok, q_r, cfg.eval_max_new_tokens)}
-        result = inner_loop(loop.student, loop.tok, datasets[job[0]], q_r, cfg, step, *job, loop.probe)
+        result = inner_loop(loop.student, loop.tok, datasets[job[0]], q_r, cfg, step, *job, loop.probe, steps)
         if keep:
             loop.trained[job] = loop.student.state(loop.trained.get(job))  # into last step's buffers
         loop.student.set_state(loop.baseline)  # revert: the next job starts from the baseline again
@@ -976,8 +1091,8 @@ def grounded_reward(loop, datasets, q_r, step):
 
     results = spread(owners, run_job)
     base = results.pop("baseline")["acc"]
-    rewards = [sum(results[k, j]["acc"] - base for j in range(cfg.repeats)) / cfg.repeats for k in range(cfg.n_datasets)]
-    return rewards, {"baseline_acc": base, "jobs": dict(sorted(results.items())), "owners": owners}
+    rewards = [sum(results[k, j]["acc"] - base for j in range(cfg.repeats)) / cfg.repeats for k in range(len(datasets))]
+    return rewards, {"baseline_acc": base, "jobs": dict(sorted(results.items())), "owners": owners, "inner_steps": steps}
 
 
 def learnability(counts, m):
@@ -996,8 +1111,8 @@ def learnability_reward(loop, datasets, q_r, step):
         return learnability(successes(loop.student, loop.tok, datasets[k], m, cfg.temperature, cfg.max_new_tokens,
                                       seed_of(cfg.seed, step, k, "learnability")) if datasets[k] else [], m)
 
-    scores = spread({k: k % ranks()[1] for k in range(cfg.n_datasets)}, run_job)
-    return [scores[k] for k in range(cfg.n_datasets)], {}
+    scores = spread({k: k % ranks()[1] for k in range(len(datasets))}, run_job)
+    return [scores[k] for k in range(len(datasets))], {}
 
 
 # --teacher_reward: the one place a reward is chosen. A reward(loop, datasets, q_r, step) returns
@@ -1006,36 +1121,46 @@ TEACHER_REWARDS = {"grounded": grounded_reward, "learnability": learnability_rew
 
 
 def promotion(window, step_reward, best_reward, cfg):
-    """The promotion rule: keep the last `window` mean teacher rewards [paper: 3]; promote when a full
-    window averages above tau [paper: 0.01] and the step's best dataset itself beats tau [ours: the
-    paper does not say; the window still holds rewards measured against an earlier baseline, so right
-    after a promotion it can stay above tau while every student of this step is worse than the new
-    baseline]. The window runs on across promotions [ours]. best_reward: 0 if that dataset has no
-    question (nothing was trained). Returns (promote, average)."""
+    """The promotion rule [paper Alg. 1]: keep the last `window` mean teacher rewards [3]; promote
+    when they average above tau [0.01]. A window not yet full never promotes [ours: the text does not
+    say how a shorter one counts]; it runs on across promotions (the text does not reset it). With
+    --promotion_gate [ours, off in the paper preset] the step's best dataset must itself beat tau
+    too: the window still holds rewards measured against an earlier baseline. best_reward: 0 if
+    that dataset has no question. Returns (promote, average)."""
     window.append(step_reward)
     del window[:-cfg.window]
     average = sum(window) / len(window)
-    return len(window) == cfg.window and average > cfg.tau and best_reward > cfg.tau, average
+    gate = best_reward > cfg.tau if cfg.promotion_gate else True
+    return len(window) == cfg.window and average > cfg.tau and gate, average
+
+
+def promoted_repeat(accs, how="median"):
+    """Which repeat j of the best dataset is promoted, from its students' accuracies on Q_R: the one at
+    the median [paper Alg. 1] (an even r has two: the lower [ours]), or the best (ours, earlier)."""
+    order = sorted(range(len(accs)), key=lambda j: accs[j])  # stable: ties keep the repeats' order
+    return order[(len(accs) - 1) // 2] if how == "median" else max(range(len(accs)), key=lambda j: accs[j])
 
 
 def promote(loop, step, rewards, measured, datasets):
-    """Step 5: when the promotion rule says so, the student trained on the step's best X_k (its best
-    repeat) becomes the baseline: saved to students/step_XXXX/ by the worker that trained it, then
-    loaded by every worker. Only a reward that trains students (grounded) promotes. Returns the
-    promoted job (k, repeat) or None, and the moving average."""
+    """Step 5: when the promotion rule says so, the student trained on the step's best X_k (its median
+    repeat) becomes the baseline, and the KL reference of the inner loops with it: saved to
+    students/step_XXXX/ by the worker that trained it, then loaded by every worker. Only a reward that
+    trains students (grounded) promotes. Returns the promoted job (k, repeat) or None, and the
+    moving average."""
     cfg, step_reward = loop.cfg, sum(rewards) / len(rewards)
     if "jobs" not in measured:
         return None, step_reward
-    best_k = max(range(cfg.n_datasets), key=lambda k: rewards[k])
+    best_k = max(range(len(rewards)), key=lambda k: rewards[k])
     promote, average = promotion(loop.state["window"], step_reward, rewards[best_k] if datasets[best_k] else 0.0, cfg)
     if not promote:
         return None, average
-    best = max(((best_k, j) for j in range(cfg.repeats)), key=lambda job: measured["jobs"][job]["acc"])
+    best = (best_k, promoted_repeat([measured["jobs"][best_k, j]["acc"] for j in range(cfg.repeats)], cfg.promote_repeat))
     folder = f"students/step_{step:04d}"
     if ranks()[0] == measured["owners"][best]:
         save_model(loop.run.path / folder, loop.trained[best], loop.tok, loop.student)
     all_gather(None)  # a barrier: the folder is written before anyone reads it
     loop.student.set_state(load_state(loop.run.path / folder, loop.baseline))
+    loop.student.set_reference(loop.baseline)
     loop.probe("promotion", student=loop.student, trained=loop.trained, best=best, datasets=datasets)
     loop.state["baseline"], loop.state["promotions"] = folder, loop.state["promotions"] + [step]
     return best, average
@@ -1048,10 +1173,11 @@ def rollout_rewards(rollouts, datasets, rewards, cfg):
 
 
 def teacher_advantages(per_rollout, rewards, cfg):
-    """RLOO across the g datasets [paper 3.2]: each rollout's reward less the mean R of the other g-1
-    datasets, so a parsed rollout of X_k gets exactly RLOO(R)_k."""
-    R = torch.tensor(rewards, dtype=torch.float32)
-    others = R - rloo_advantages(R)  # the leave-one-out means
+    """RLOO across the datasets of each group of g [paper 3.2; teacher_batch groups, Table 3]: each
+    rollout's reward less the mean R of the other g-1 datasets of its group, so a parsed rollout of
+    X_k gets exactly RLOO(R)_k, and a group's advantages sum to zero."""
+    R = torch.tensor(rewards, dtype=torch.float32).view(-1, cfg.n_datasets)  # [teacher_batch, g]
+    others = (R - rloo_advantages(R)).flatten()  # [teacher_batch * g] the leave-one-out means
     return torch.tensor(per_rollout, dtype=torch.float32) - others.repeat_interleave(cfg.dataset_size)
 
 
@@ -1082,7 +1208,7 @@ def update_teacher(loop, rollouts, datasets, rewards):
 SAVER = concurrent.futures.ThreadPoolExecutor(1)
 
 
-def commit(loop, step, rollouts, datasets, rewards, measured, promoted, average, update):
+def commit(loop, step, rollouts, datasets, drawn, rewards, measured, promoted, average, update):
     """Step 7: the step's records, then its commit point (rank 0 writes): questions/step_XXXX.jsonl,
     the promoted X_k appended to promotion_questions.jsonl (PQ, the paper's D_best), the metrics row
     (seconds per phase summed over workers); then the teacher's checkpoint with run_state.json,
@@ -1107,8 +1233,9 @@ def commit(loop, step, rollouts, datasets, rewards, measured, promoted, average,
             "step": step, "teacher_reward": sum(rewards) / len(rewards), "moving_avg": average, "rewards": rewards,
             "baseline_acc": measured.get("baseline_acc"), "trained_acc": [r["acc"] for r in jobs.values()],
             "inner_train_reward": [r["train_reward"] for r in jobs.values()],
-            "parse_rate": sum(map(len, datasets)) / len(rollouts), "promoted": promoted is not None,
-            "promoted_dataset": promoted[0] if promoted else None, "teacher_loss": update["loss"],
+            "parse_rate": sum(map(len, datasets)) / drawn, "drawn": drawn, "inner_steps": measured.get("inner_steps"),
+            "promoted": promoted is not None, "promoted_repeat": promoted[1] if promoted else None,
+            "promoted_dataset": promoted[0] if promoted else None, "teacher_loss": update["loss"], "teacher_lr": update.get("lr"),
             "teacher_kl_ref": update.get("kl_ref"),  # per token, to --model (only with --teacher_kl_beta)
             "teacher_tokens": update["tokens_trained"], "step_s": time.time() - started,
             "time_s": {p: round(t, 4) for p, t in times.items()}})
@@ -1117,6 +1244,9 @@ def commit(loop, step, rollouts, datasets, rewards, measured, promoted, average,
         if loop.state["step"] % cfg.checkpoint_every == 0 or loop.state["step"] == cfg.outer_steps:
             loop.saving = SAVER.submit(save_checkpoint, loop.run.checkpoint, loop.teacher, loop.tok,
                                        json.loads(json.dumps(loop.state)))
+        if loop.state["step"] in map(int, cfg.teacher_snapshots):  # a teacher evaluated before the end (bf16)
+            loop.saving = SAVER.submit(save_checkpoint, run / f"teacher_step_{step + 1:04d}", loop.teacher, loop.tok,
+                                       {"step": step + 1}, final=True)
     loop.state = broadcast(loop.state)
 
 
@@ -1131,8 +1261,8 @@ def soar(cfg, probe=None):
     run = RunFolder(cfg.resume or cfg.out, "teacher")
     if run.finished(cfg.outer_steps, "outer_steps", "outer steps"):
         return run.path
-    if cfg.n_datasets < 2:
-        raise UserError("--n_datasets: RLOO across datasets needs g >= 2")
+    if cfg.n_datasets < 2 or cfg.repeats < 1 or cfg.teacher_batch < 1:
+        raise UserError("--n_datasets: RLOO across datasets needs g >= 2 (and --repeats, --teacher_batch >= 1)")
     d_train, tok = load_problems(cfg.data), load_tokenizer(cfg.model)
     check_fits(cfg, tok, cfg.data, ["eval_max_new_tokens"], teacher=True)
     error = None
@@ -1153,11 +1283,13 @@ def soar(cfg, probe=None):
     try:
         state = {"step": 0, "window": [], "baseline": "", "promotions": []} | run.state()
         device, engine = device_for(rank), make_engine(cfg, cfg.model, tok)
-        student = Policy(run.path / state["baseline"] if state["baseline"] else cfg.model, cfg, engine, device)
+        baseline = run.path / state["baseline"] if state["baseline"] else cfg.model  # the inner loops' start and reference
+        student = Policy(baseline, cfg, engine, device, reference=baseline)
         loop = Loop(cfg, run, tok, device, student, student.state(), state, probe)
         if rank == 0:  # the teacher waits on the CPU between its updates; resumed, its Adam states go straight there
-            loop.teacher = Policy(run.checkpoint if state["step"] else cfg.model, teacher_config(cfg), engine,
-                                  device).to(torch.device("cpu"))
+            loop.teacher = Policy(run.checkpoint if state["step"] else cfg.model, teacher_config(cfg), engine, device,
+                                  horizon=cfg.outer_steps).to(torch.device("cpu"))
+            loop.teacher.updates = state["step"]  # one update an outer step: the schedule goes on where it was
             if state["step"]:
                 load_trainer_state(run.checkpoint, loop.teacher)
         for step in tqdm(range(state["step"], cfg.outer_steps), desc="outer steps", disable=rank != 0,
@@ -1165,11 +1297,11 @@ def soar(cfg, probe=None):
             loop.started = (time.time(), dict(TIMES))
             q_r = sample_reward_set(d_train, cfg, step)                             # 1. Q_R from D_train
             probe("step_start", step=step, student=student, q_r=q_r)
-            rollouts, datasets = teacher_datasets(loop, step)                       # 2. g datasets X_k
+            rollouts, datasets, drawn = teacher_datasets(loop, step)                # 2. datasets X_k
             rewards, measured = reward(loop, datasets, q_r, step)                   # 3-4. R(X_k)
             promoted, average = promote(loop, step, rewards, measured, datasets)    # 5. promotion
             update = update_teacher(loop, rollouts, datasets, rewards)              # 6. teacher update
-            commit(loop, step, rollouts, datasets, rewards, measured, promoted, average, update)  # 7.
+            commit(loop, step, rollouts, datasets, drawn, rewards, measured, promoted, average, update)  # 7.
     finally:
         if loop and loop.saving:
             loop.saving.result()  # a failed write fails the run
@@ -1183,56 +1315,66 @@ def soar(cfg, probe=None):
 # 7. Commands: train and eval; the small models; the command line
 # ================================================================================================
 
-def load_policy(cfg, path, data=(), budgets=("max_new_tokens",), teacher=False):
+def load_policy(cfg, path, data=(), budgets=("max_new_tokens",), teacher=False, horizon=None):
     """A command's model and tokenizer, once its prompts are known to fit (check_fits)."""
     tok = load_tokenizer(path)
     check_fits(cfg, tok, data, budgets, teacher)
-    return Policy(path, cfg, make_engine(cfg, path, tok), device_for(0)), tok
+    return Policy(path, cfg, make_engine(cfg, path, tok), device_for(0), horizon=horizon), tok
 
 
-def evaluate(cfg):
-    """pass@k for each k of --eval_k (--eval_n samples per problem at --temperature) and greedy
-    accuracy on --data, as JSON (printed, and written to --output)."""
-    problems = load_problems(cfg.data)
-    policy, tok = load_policy(cfg, cfg.model, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
+def pass_at_ks(policy, tok, problems, cfg, seed):
+    """pass@k for each k of --eval_k (--eval_n samples per problem at --temperature, right or not),
+    and greedy accuracy."""
     counts, n = [], cfg.eval_n
     for start in tqdm(range(0, len(problems), 32), desc="eval", leave=False):  # [ours] 32 prompts a call
         counts += successes(policy, tok, problems[start:start + 32], n, cfg.temperature, cfg.max_new_tokens,
-                            cfg.seed + start)
-    result = {"n": n, "problems": len(problems),
-              "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
-                            for k in map(int, cfg.eval_k.split(",")) if k <= n},
-              "greedy_acc": greedy_accuracy(policy, tok, problems, cfg.eval_max_new_tokens),
+                            seed + start)
+    return {"pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(counts)
+                          for k in map(int, cfg.eval_k.split(",")) if k <= n},
+            "greedy_acc": greedy_accuracy(policy, tok, problems, cfg.eval_max_new_tokens)}
+
+
+def evaluate(cfg):
+    """pass@k and greedy accuracy on --data (pass_at_ks), as JSON (printed, and written to --output)."""
+    problems = load_problems(cfg.data)
+    policy, tok = load_policy(cfg, cfg.model, cfg.data, ["max_new_tokens", "eval_max_new_tokens"])
+    result = {"n": cfg.eval_n, "problems": len(problems), **pass_at_ks(policy, tok, problems, cfg, cfg.seed),
               "model": cfg.model, "data": cfg.data, "seed": cfg.seed, "method": cfg.method, "dataset": cfg.dataset,
-              "note": cfg.note}
+              "teacher": cfg.teacher, "note": cfg.note}
     print(json.dumps(result, indent=2))
     if cfg.output:
         write_json_atomic(cfg.output, result)
     return result
 
 
-def train(cfg, reward_fn=grader.grade):
-    """RL with verifiable rewards on --data (Hard-Only, and every training of the protocol); resumes
-    at OUT/checkpoint's step (RunFolder)."""
+def train(cfg, reward_fn=None):
+    """RL with verifiable rewards on --data and --synthetic questions: mixed throughout, or the first
+    --curriculum_steps on the synthetic ones alone [paper B.6]; Hard-Only and every training of the
+    protocol. With --curve_data, every --curve_every steps a `curve` row: pass@k and greedy accuracy
+    there, the curve the protocol reads its result off (B.6). Resumes at its last checkpoint."""
     run = RunFolder(cfg.out, "checkpoint")
     if run.finished(cfg.steps, "steps", "steps"):
         return None
-    problems = load_problems(cfg.data)
+    real, synthetic = load_problems(cfg.data), load_problems(cfg.synthetic) if cfg.synthetic else []
+    curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []
     step = run.open(cfg, ["metrics.jsonl"])
     try:
-        policy, tok = load_policy(cfg, run.checkpoint if step else cfg.model, cfg.data)
+        policy, tok = load_policy(cfg, run.checkpoint if step else cfg.model, cfg.data + cfg.synthetic,
+                                  horizon=cfg.steps)
+        policy.updates = step  # the lr schedule goes on where it was
         if step and (run.checkpoint / "trainer_state.pt").exists():
             load_trainer_state(run.checkpoint, policy)
             print(f"resuming from {run.checkpoint} at step {step}")
         elif step:  # a finished run, extended with more --steps: its final bf16 weights, a fresh optimizer
             print(f"continuing the finished run {run.checkpoint} at step {step} with a fresh optimizer")
-        curve = load_problems([cfg.curve_data]) if cfg.curve_every and cfg.curve_data else []
         for step in tqdm(range(step, cfg.steps), desc="train", initial=step, total=cfg.steps):
+            pool = (synthetic if step < cfg.curriculum_steps else real) if cfg.curriculum_steps and synthetic \
+                else real + synthetic
             rng = random.Random(f"{cfg.seed}-train-{step}")  # a function of the step: resume-safe
-            batch = rng.sample(problems, min(cfg.batch_size, len(problems)))
+            batch = rng.sample(pool, min(cfg.batch_size, len(pool)))
             row = {"step": step, **rl_step(policy, tok, batch, cfg, seed_of(cfg.seed, "train", step), reward_fn)}
             if curve and (step + 1) % cfg.curve_every == 0:  # a learning curve on held-out problems
-                row["curve_acc"] = greedy_accuracy(policy, tok, curve, cfg.eval_max_new_tokens)
+                row["curve"] = pass_at_ks(policy, tok, curve, cfg, seed_of(cfg.seed, "curve", step))
             append_jsonl(run.path / "metrics.jsonl", row)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(run.checkpoint, policy, tok, {"step": step + 1}, final=step + 1 == cfg.steps)
@@ -1265,7 +1407,7 @@ def small_llama(folder, tok, sample, steps, hidden, layers, batch, lr=3e-3, deca
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=(4 if decay else 2) * hidden,
                          num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=max(1, hidden // 64),
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False)
     model, rng = LlamaForCausalLM(config), random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -1297,7 +1439,7 @@ def build_tiny_model(folder, seed=0):
     def sample(rng, step):
         a, b = rng.randrange(10), rng.randrange(10)
         q = f"What is {a}+{b}?"
-        return rng.choice([(TEACHER_PROMPT, f"Question: {q}\nAnswer: \\boxed{{{a + b}}}"),
+        return rng.choice([(teacher_prompt(Config()), f"<question>{q}</question><answer>\\boxed{{{a + b}}}</answer>"),
                            (STUDENT_PROMPT.format(problem=q), f"\\boxed{{{a + b}}}")])
     folder = Path(folder)
     if not (folder / "config.json").exists():
@@ -1385,14 +1527,17 @@ def split_preset(rest, default):
 # The options each command reads; `python soar.py COMMAND --help` lists them with their defaults and
 # the comments of Config, the one place where every value's source and reason are written.
 MODEL = "model sampler gpu_memory_utilization max_model_len seed"
-TRAINER = ("gradient_checkpointing micro_batch_tokens algo lr weight_decay max_grad_norm clip_eps kl_beta "
-           "group_size temperature max_new_tokens")
+TRAINER = ("gradient_checkpointing micro_batch_tokens algo lr lr_schedule warmup weight_decay max_grad_norm clip_eps "
+           "kl_beta batch_size group_size temperature max_new_tokens reward_levels")
 OPTIONS = {
-    "train": f"{MODEL} {TRAINER} data out batch_size steps save_every curve_data curve_every eval_max_new_tokens",
-    "eval": f"{MODEL} data temperature max_new_tokens eval_max_new_tokens eval_n eval_k output method dataset note",
-    "soar": f"{MODEL} {TRAINER} data out resume outer_steps dataset_size n_datasets repeats qr_size inner_steps "
-            "inner_batch tau window teacher_lr teacher_kl_beta teacher_temperature teacher_max_new_tokens "
-            "parse_penalty teacher_reward learnability_samples eval_max_new_tokens checkpoint_every",
+    "train": f"{MODEL} {TRAINER} data synthetic curriculum_steps out steps save_every curve_data curve_every "
+             "eval_n eval_k eval_max_new_tokens",
+    "eval": f"{MODEL} data temperature max_new_tokens eval_max_new_tokens eval_n eval_k output method dataset teacher note",
+    "soar": f"{MODEL} {TRAINER} data out resume outer_steps dataset_size n_datasets teacher_batch repeats qr_size "
+            "inner_steps promoted_inner_steps tau window promote_repeat promotion_gate teacher_lr teacher_warmup "
+            "teacher_kl_beta teacher_temperature teacher_max_new_tokens teacher_topics rejection_sampling "
+            "max_teacher_draws parse_penalty teacher_reward learnability_samples eval_max_new_tokens "
+            "teacher_snapshots checkpoint_every",
 }
 
 

@@ -2,12 +2,14 @@
 
 Run with ./run.sh test (it installs what these need). Sections follow soar.py's order."""
 import concurrent.futures
+import dataclasses
 import itertools
 import json
 import math
 import multiprocessing
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -745,7 +747,7 @@ def test_cpu_copies_hold_a_tied_embedding_once(tiny, tmp_path):
 def test_rl_raises_reward_on_a_toy_task(tiny, algo, sampler, request):
     """The grader's reward for "What is 3+4?" (answer 7) rises from ~10% to most samples within 30 steps."""
     engine = request.getfixturevalue("vllm_engine") if sampler == "vllm" else None
-    policy, tok, cfg = make_policy(tiny, engine, algo=algo, group_size=16, lr=1e-3)
+    policy, tok, cfg = make_policy(tiny, engine, algo=algo, group_size=16, lr=1e-3, reward_levels="1,0,0,0")
     problems = [{"problem": "What is 3+4?", "answer": "7"}] * 8
     rewards = []
     for s in range(30):  # stops once the last 5 steps average above 0.6
@@ -884,8 +886,8 @@ def test_help_lists_each_commands_options_with_their_values_and_the_config_comme
                     assert line.startswith(f"  --{name} {shown}{mark} ") and line.endswith(comments[name]), line
     soar.main(["soar", "--preset", "demo", "--help"])
     text = capsys.readouterr().out
-    assert "--window 2 (demo)" in text and "[paper] promotion threshold on the moving average reward" in text
-    assert "(16 GB of 80: weights + KV); the trainer needs the rest (README, memory plan)" in text
+    assert "--window 2 (demo)" in text and "[paper 4.2] promotion threshold on the moving average reward" in text
+    assert "(12 GB of 80: weights + KV); the trainer and its KL reference need the rest (README, memory plan)" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -918,21 +920,23 @@ def test_a_user_error_from_the_shell_has_no_traceback(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,expected", [
-    ("Question: What is 2+3?\nAnswer: \\boxed{5}", ("What is 2+3?", "5")),
-    ("Sure! Question: Find $x$ if $x^2=4$, $x>0$.\n\nAnswer: \\boxed{2}\nHope this helps", ("Find $x$ if $x^2=4$, $x>0$.", "2")),
-    ("Question: A?\nAnswer: 7\nAnswer: \\boxed{\\frac{1}{2}}", ("A?\nAnswer: 7", "\\frac{1}{2}")),  # last Answer: wins
-    ("Question: Q\nAnswer: \\boxed{{nested}{braces}}", ("Q", "{nested}{braces}")),
+    ("<question>What is 2+3?</question><answer>\\boxed{5}</answer>", ("What is 2+3?", "5")),
+    ("Sure!\n<question>Find $x$ if $x^2=4$, $x>0$.</question>\nWorking: x = 2.\n<answer>It is \\boxed{2}.</answer> Done",
+     ("Find $x$ if $x^2=4$, $x>0$.", "2")),  # words outside the tags, and around the box
+    ("<question>Q</question><answer>\\boxed{\\frac{1}{2}}</answer><question>R</question>", ("Q", "\\frac{1}{2}")),
+    ("<question>Q\nover two lines</question><answer>\\boxed{(1, 2)}</answer>", ("Q\nover two lines", "(1, 2)")),
     ("", None),
-    ("Answer: \\boxed{5}", None),                              # no question
-    ("Question: What is 2+3?", None),                          # no answer
-    ("Question: What is 2+3?\nAnswer: 5", None),               # answer not boxed
-    ("Question: What is 2+3?\nAnswer: \\boxed{}", None),       # empty answer
-    ("Question: What is 2+3?\nAnswer: \\boxed{5", None),       # unbalanced
-    ("Question: \nAnswer: \\boxed{5}", None),                  # empty question
-    ("Answer: \\boxed{1}\nQuestion: late?", None),             # answer before question
-    ("Question: Show \\boxed{3} is odd.\nAnswer: \\boxed{3}", None),  # the question leaks a boxed answer
-    ("Question: " + "x" * 5000 + "\nAnswer: \\boxed{1}", None),  # overlong
-    ("\x00\uffff Question:\x00 q \nAnswer:\\boxed{1}", ("\x00 q", "1")),
+    ("<question>What is 2+3?</question>", None),                                  # no answer
+    ("<answer>\\boxed{5}</answer><question>Late?</question>", None),              # the answer first
+    ("<question>What is 2+3?</question><answer>5</answer>", None),                # not boxed
+    ("<question>What is 2+3?</question><answer>\\boxed{}</answer>", None),        # empty answer
+    ("<question>What is 2+3?</question><answer>\\boxed{5</answer>", None),        # unbalanced
+    ("<question>What is 2+3?<answer>\\boxed{5}</answer>", None),                  # the question never closes
+    ("<question> </question><answer>\\boxed{5}</answer>", None),                  # empty question
+    ("<question>Show \\boxed{3} is odd.</question><answer>\\boxed{3}</answer>", None),  # leaks its answer
+    ("<question>Q</question><answer>\\boxed{\\text{the one we want}}</answer>", None),  # no mathematics (B.2)
+    ("<question>" + "x" * 5000 + "</question><answer>\\boxed{1}</answer>", None),  # overlong
+    ("Question: What is 2+3?\nAnswer: \\boxed{5}", None),                          # the format of earlier prompts
 ])
 def test_parse_teacher_output(text, expected):
     assert soar.parse_teacher_output(text) == expected
@@ -983,44 +987,50 @@ def read_rows(path):
 
 
 def test_soar_loop_instrumented(tiny, toy_train, tmp_path):
-    cfg = soar_config(tiny, toy_train, tmp_path / "run", "--window", "1", "--outer_steps", "3", "--repeats", "2")
+    """The real loop with the paper's mechanics at the test preset's sizes (2 RLOO groups of g = 2
+    datasets, 3 repeats, rejection sampling), observed through its probe hook."""
+    cfg = soar_config(tiny, toy_train, tmp_path / "run", "--window", "1", "--outer_steps", "3", "--repeats", "3",
+                      "--teacher_batch", "2")
     rec = Recorder(soar.load_tokenizer(tiny), cfg)
     run = soar.soar(cfg, probe=rec)
-    starts, updates = rec.of("step_start"), rec.of("teacher_update")
-    # every inner loop starts from weights equal to the baseline student's
-    assert len(rec.of("inner_start")) == 3 * cfg.n_datasets * cfg.repeats
-    assert all(d["equals_baseline"] for d in rec.of("inner_start"))
+    starts, updates, promotions = rec.of("step_start"), rec.of("teacher_update"), rec.of("promotion")
+    jobs, groups = 2 * cfg.n_datasets * cfg.repeats, 2
+    # every inner loop starts from weights equal to the baseline student's: 2 steps, then 3 once promoted [B.7]
+    inner = rec.of("inner_start")
+    assert len(inner) == 3 * jobs and all(d["equals_baseline"] for d in inner)
+    assert [d["steps"] for d in inner] == [2] * jobs + [3] * 2 * jobs
     # R(X_k) is the difference of the accuracies that were measured (re-measured here independently)
     ends = rec.of("inner_end")
     assert all(d["acc"] == d["remeasured"] for d in ends)
     metrics = read_rows(run / "metrics.jsonl")
     for t, (start, row) in enumerate(zip(starts, metrics)):
-        assert row["baseline_acc"] == start["acc"]
-        accs = {(d["k"], d["repeat"]): d["acc"] for d in ends[t * cfg.n_datasets * cfg.repeats:(t + 1) * cfg.n_datasets * cfg.repeats]}
-        for k in range(cfg.n_datasets):
+        assert row["baseline_acc"] == start["acc"] and row["inner_steps"] == (2 if t == 0 else 3)
+        accs = {(d["k"], d["repeat"]): d["acc"] for d in ends[t * jobs:(t + 1) * jobs]}
+        for k in range(groups * cfg.n_datasets):
             assert row["rewards"][k] == pytest.approx(sum(accs[k, j] - start["acc"] for j in range(cfg.repeats)) / cfg.repeats)
-    # the teacher's advantages are RLOO over datasets; unparseable rollouts carry the penalty
-    for u in updates:
-        R = u["dataset_rewards"]
-        parsed = {q["rollout"]: k for k, ds in enumerate(u["datasets"]) for q in ds}
-        for i, a in enumerate(u["advantages"].tolist()):
-            k = i // cfg.dataset_size
-            others = (sum(R) - R[k]) / (cfg.n_datasets - 1)
-            reward = R[k] if i in parsed else cfg.parse_penalty
-            assert parsed.get(i, k) == k  # rollout i belongs to dataset i // n
-            assert a == pytest.approx(reward - others)
-    # malformed rollouts never reach the student: every dataset question parsed from its rollout
-    for u in updates:
-        for ds in u["datasets"]:
+        # the teacher's lr on its schedule: cosine over the 3 outer steps, no warmup here
+        assert row["teacher_lr"] == pytest.approx(cfg.teacher_lr * soar.lr_factor(t, 0, 3))
+    # rejection sampling [B.2]: exactly the g*n*batch accepted rollouts are trained on, every one parsed
+    # into its dataset's question; RLOO within each group of g datasets: the advantages sum to zero
+    for u, row in zip(updates, metrics):
+        assert len(u["rollouts"]) == groups * cfg.n_datasets * cfg.dataset_size <= row["drawn"]
+        assert row["parse_rate"] == len(u["rollouts"]) / row["drawn"]
+        for k, ds in enumerate(u["datasets"]):
+            assert [q["rollout"] for q in ds] == list(range(k * cfg.dataset_size, (k + 1) * cfg.dataset_size))
             for q in ds:
                 assert soar.parse_teacher_output(u["rollouts"][q["rollout"]].text) == (q["problem"], q["answer"])
-    # a promotion (window 1, tau -1: every step) swaps in exactly the best student and appends its X_k
-    promotions = rec.of("promotion")
+        R = torch.tensor(u["dataset_rewards"]).view(groups, cfg.n_datasets)
+        A = u["advantages"].view(groups, -1)
+        assert torch.allclose(A, soar.rloo_advantages(R).repeat_interleave(cfg.dataset_size, -1))
+        assert torch.allclose(A.sum(-1), torch.zeros(groups), atol=1e-6)
+    assert any(row["drawn"] > len(u["rollouts"]) for u, row in zip(updates, metrics))  # some were rejected
+    # a promotion (window 1, tau -1: every step) swaps in the best dataset's median repeat [Alg. 1] and appends its X_k
     assert len(promotions) == 3 and all(p["equals_best"] for p in promotions)
     pq = read_rows(run / "promotion_questions.jsonl")
     for t, (p, u) in enumerate(zip(promotions, updates)):
-        best_k = max(range(cfg.n_datasets), key=lambda k: u["dataset_rewards"][k])
-        assert p["best"][0] == best_k
+        best_k = max(range(len(u["dataset_rewards"])), key=lambda k: u["dataset_rewards"][k])
+        accs = [d["acc"] for d in ends[t * jobs:(t + 1) * jobs] if d["k"] == best_k]
+        assert p["best"] == (best_k, sorted(range(3), key=lambda j: accs[j])[1])  # the middle one of 3
         assert [(r["problem"], r["answer"]) for r in pq if r["step"] == t] == \
             [(q["problem"], q["answer"]) for q in p["datasets"][best_k]]
     # ... and the next step starts from the promoted student
@@ -1030,9 +1040,50 @@ def test_soar_loop_instrumented(tiny, toy_train, tmp_path):
     assert (run / "config.json").exists() and (run / "teacher" / "run_state.json").exists()
     assert sorted(os.listdir(run / "students")) == ["step_0000", "step_0001", "step_0002"]
     questions = read_rows(run / "questions" / "step_0000.jsonl")
-    assert len(questions) == cfg.n_datasets * cfg.dataset_size
+    assert len(questions) == groups * cfg.n_datasets * cfg.dataset_size and all(q["parsed"] for q in questions)
+
+
+def test_without_rejection_sampling_unparsed_rollouts_carry_the_penalty(tiny, toy_train, tmp_path):
+    """--rejection_sampling false (ours, earlier): one draw of g*n rollouts, all trained on; the
+    unparseable ones stay out of the datasets and carry --parse_penalty into RLOO across datasets."""
+    cfg = soar_config(tiny, toy_train, tmp_path / "run", "--outer_steps", "2", "--rejection_sampling", "false")
+    rec = Recorder(soar.load_tokenizer(tiny), cfg)
+    run = soar.soar(cfg, probe=rec)
+    for u in rec.of("teacher_update"):
+        R, parsed = u["dataset_rewards"], {q["rollout"]: k for k, ds in enumerate(u["datasets"]) for q in ds}
+        assert len(u["rollouts"]) == cfg.n_datasets * cfg.dataset_size > len(parsed)  # some unparsed, trained on
+        for i, a in enumerate(u["advantages"].tolist()):
+            k = i // cfg.dataset_size
+            assert parsed.get(i, k) == k  # rollout i belongs to dataset i // n
+            assert a == pytest.approx((R[k] if i in parsed else cfg.parse_penalty) - (sum(R) - R[k]) / (cfg.n_datasets - 1))
+    questions = read_rows(run / "questions" / "step_0000.jsonl")
     # the penalty exactly for the unparsed (a parsed rollout's R is a multiple of 1/|Q_R| = 1/4, never -0.1)
     assert all((q["reward"] == cfg.parse_penalty) == (not q["parsed"]) for q in questions)
+
+
+def test_rejection_sampling_that_cannot_fill_the_datasets_says_so(tiny, toy_train, tmp_path):
+    cfg = soar_config(tiny, toy_train, tmp_path / "run", "--max_teacher_draws", "1", "--dataset_size", "8")
+    with pytest.raises(soar.UserError, match=r"^the teacher wrote \d+ parseable rollouts of the 16 needed in 16 draws"):
+        soar.soar(cfg)
+
+
+def test_the_median_repeat_and_the_lr_schedule_by_hand():
+    assert soar.promoted_repeat([0.5, 0.2, 0.4, 0.3]) == 3  # sorted 0.2, 0.3, 0.4, 0.5: the lower middle
+    assert soar.promoted_repeat([0.1, 0.9, 0.5]) == 2 and soar.promoted_repeat([0.3, 0.3, 0.3, 0.3]) == 1
+    assert soar.promoted_repeat([0.5, 0.2, 0.4, 0.3], "best") == 0
+    # cosine decay to 0 over the run; the teacher's 20 warmup steps first [paper Table 3]
+    assert [round(soar.lr_factor(s, 0, 10), 4) for s in (0, 1, 5, 9)] == [1.0, 0.9755, 0.5, 0.0245]
+    assert soar.lr_factor(0, 20, 200) == 1 / 20 and soar.lr_factor(19, 20, 200) == 1.0
+    assert soar.lr_factor(110, 20, 200) == pytest.approx(0.5) and soar.lr_factor(200, 20, 200) == 0.0
+    assert soar.lr_factor(5, 0, 10, "constant") == 1.0
+
+
+def test_the_student_reward_has_the_paper_s_four_levels():
+    levels = [120, 20, 10, 0]
+    assert soar.student_reward("so \\boxed{\\frac{1}{2}}", "0.5", levels) == 120  # boxed and right
+    assert soar.student_reward("The final answer is: \\boxed{x = 15}", "5", levels) == 20  # wrong, holds "5"
+    assert soar.student_reward("\\boxed{7}", "5", levels) == 10  # boxed and wrong
+    assert soar.student_reward("the answer is 5", "5", levels) == 0  # no box
 
 
 def strip_times(rows):
@@ -1057,16 +1108,28 @@ def test_soar_resumes_after_a_crash_with_the_same_results(tiny, toy_train, tmp_p
     assert any(r["promoted"] for r in read_rows(whole / "metrics.jsonl"))
 
 
-def test_kl_references_stay_the_starting_model_across_a_resume(tiny, toy_train, tmp_path):
-    """--kl_beta and --teacher_kl_beta pull toward --model, also in a process that resumes from a
-    promoted baseline and a trained teacher (their weights are not the reference)."""
-    kl = ("--kl_beta", "0.05", "--teacher_kl_beta", "0.1", "--window", "1")
-    whole = read_rows(soar.soar(soar_config(tiny, toy_train, tmp_path / "whole", *kl, "--outer_steps", "3")) /
+def test_kl_references_are_where_each_run_started_also_after_a_resume(tiny, toy_train, tmp_path):
+    """--teacher_kl_beta pulls the teacher toward --model; --kl_beta pulls each inner loop's student
+    toward the baseline it starts from, the promoted one after a promotion [ours: the paper gives the
+    coefficient, not the reference], also in a process that resumes from a promoted baseline."""
+    kl = ("--kl_beta", "0.05", "--teacher_kl_beta", "0.1", "--window", "1",
+          "--rejection_sampling", "false",  # the parse penalty moves the teacher: R is 0 for the tiny model
+          "--lr_schedule", "constant")  # a run extended to more steps would otherwise decay over another horizon
+    at_start = []
+
+    def probe(event, **data):  # at each inner loop's start: is the reference the student's own weights?
+        if event == "inner_start":
+            student = data["student"]
+            at_start.append(all(torch.equal(r, m) for r, m in zip(student.ref.parameters(), student.master)))
+
+    whole = read_rows(soar.soar(soar_config(tiny, toy_train, tmp_path / "whole", *kl, "--outer_steps", "3"), probe) /
                       "metrics.jsonl")
     assert whole[0]["teacher_kl_ref"] == 0.0 < whole[2]["teacher_kl_ref"]  # the teacher starts as its reference
-    assert whole[1]["promoted"]  # the resumed process starts from a promoted student
+    assert whole[1]["promoted"] and len(at_start) == 6 and all(at_start)  # also after the promotions
     soar.soar(soar_config(tiny, toy_train, tmp_path / "part", *kl, "--outer_steps", "2"))
-    soar.soar(soar.make_config(["--resume", str(tmp_path / "part"), "--outer_steps", "3"], "test"))
+    at_start.clear()
+    soar.soar(soar.make_config(["--resume", str(tmp_path / "part"), "--outer_steps", "3"], "test"), probe)
+    assert at_start == [True, True]  # the resumed process's reference: the promoted baseline it loads
     assert strip_times(read_rows(tmp_path / "part" / "metrics.jsonl")) == strip_times(whole)
     from safetensors.torch import load_file
     last = [load_file(tmp_path / run / "students" / "step_0002" / "model.safetensors") for run in ("whole", "part")]
@@ -1172,16 +1235,17 @@ def test_resume_changes_only_the_flags_given_and_a_finished_run_says_so(tiny, to
 
 
 def test_start_up_check_prompt_plus_budget_fits_max_model_len(tiny, toy_train, tmp_path):
-    """The README's pre-flight failed at step 0: the teacher prompt (275 tokens) + 48 > 256."""
+    """A prompt that cannot fit is found at start-up, not at step 0: the teacher prompt (517 tokens
+    with the test model's character tokenizer) + 64 > 512, a data row too long for its budget."""
     argv = ["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--out", str(tmp_path / "r")]
-    with pytest.raises(soar.UserError, match=r"^the teacher prompt: 275 prompt tokens \+ --teacher_max_new_tokens 48"
-                                             r" > --max_model_len 256; raise --max_model_len"):
-        soar.main(argv + ["--max_model_len", "256"])
+    with pytest.raises(soar.UserError, match=r"^the teacher prompt: 517 prompt tokens \+ --teacher_max_new_tokens 64"
+                                             r" > --max_model_len 512; raise --max_model_len"):
+        soar.main(argv + ["--max_model_len", "512"])
     long = tmp_path / "long.jsonl"
-    soar.write_jsonl_atomic(long, [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "x" * 900, "answer": "1"}])
-    with pytest.raises(soar.UserError, match=r"long\.jsonl:2: 990 prompt tokens \+ --eval_max_new_tokens 40 > "
+    soar.write_jsonl_atomic(long, [{"problem": "What is 1+1?", "answer": "2"}, {"problem": "x" * 700, "answer": "1"}])
+    with pytest.raises(soar.UserError, match=r"long\.jsonl:2: 1016 prompt tokens \+ --eval_max_new_tokens 40 > "
                                              r"--max_model_len 1024"):
-        soar.main(argv[:6] + [str(long)] + argv[7:] + ["--eval_max_new_tokens", "40"])
+        soar.main(argv[:6] + [str(long)] + argv[7:] + ["--eval_max_new_tokens", "40", "--max_model_len", "1024"])
     assert not (tmp_path / "r").exists()  # nothing started
 
 
@@ -1191,20 +1255,28 @@ def free_port():
         return free.getsockname()[1]
 
 
-def test_one_and_two_workers_give_the_same_rewards(tiny, toy_train, tmp_path):
-    """torchrun with 2 gloo workers against a plain run: same seed, same rewards (HF sampler,
-    seeded per job, one thread per worker so float sums happen in the same order)."""
+def test_one_worker_two_workers_and_two_nodes_give_the_same_rewards(tiny, toy_train, tmp_path):
+    """torchrun with 2 gloo workers, and 2 torchrun agents of 1 worker each as 2 nodes would launch it
+    (the paper preset's 4 nodes: README), against a plain run: same seed, same rewards (HF sampler,
+    seeded per job, one thread per worker so float sums happen in the same order). The nodes share
+    the run folder, as they must a filesystem."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    common = ["soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train), "--repeats", "2",
-              "--window", "1", "--outer_steps", "2"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    for cmd, out in (([sys.executable], "one"), (torchrun, "two")):
-        r = subprocess.run(cmd + [str(HERE / "soar.py")] + common + ["--out", str(tmp_path / out)],
-                           env=env, cwd=tmp_path, timeout=300, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-3000:]
-    one, two = (strip_times(read_rows(tmp_path / w / "metrics.jsonl")) for w in ("one", "two"))
-    assert one == two and len(one) == 2
-    assert read_rows(tmp_path / "one" / "promotion_questions.jsonl") == read_rows(tmp_path / "two" / "promotion_questions.jsonl")
+    common = [str(HERE / "soar.py"), "soar", "--preset", "test", "--model", str(tiny), "--data", str(toy_train),
+              "--repeats", "2", "--window", "1", "--outer_steps", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1"]
+    launches = {"one": lambda port: [[sys.executable]],
+                "two": lambda port: [torchrun + ["--nproc_per_node", "2", "--master_port", str(port)]],
+                "nodes": lambda port: [torchrun + ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+                                                   "--master_port", str(port)] for rank in (0, 1)]}
+    for out, commands in launches.items():  # a free port each, found just before its launch
+        procs = [subprocess.Popen(cmd + common + ["--out", str(tmp_path / out)], env=env, cwd=tmp_path, text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in commands(free_port())]
+        for proc in procs:
+            assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    one, two, nodes = (strip_times(read_rows(tmp_path / w / "metrics.jsonl")) for w in launches)
+    assert one == two == nodes and len(one) == 2 and any(r["promoted"] for r in one)
+    pq = [read_rows(tmp_path / w / "promotion_questions.jsonl") for w in launches]
+    assert pq[0] == pq[1] == pq[2]
 
 
 def test_preflight_two_workers_with_the_vllm_sampler(tiny, tmp_path):
@@ -1479,37 +1551,134 @@ def test_prepare_reads_the_release_archives(tmp_path):
         prep.prepare("olympiadbench", str(ob), tmp_path / "data2")
 
 
-def test_fail_at_k_split_and_upper_bound_deduplicate_by_problem_text(tiny, tmp_path):
+def test_fail_at_k_split_and_extra_data_deduplicate_by_problem_text(tiny, tmp_path):
     """MATH has train/test duplicates under other ids: each problem lands on one side of the split
-    only, the upper bound's data holds no problem of the test split, and the metadata counts them."""
+    only, the curated data holds no problem of the test split, and the metadata counts them. The split
+    is 50/50 with no validation slice [paper 4.3: PS is chosen on D_train]; --val_share (ours) adds one."""
     rows = [{"id": f"{i}{c}", "problem": text, "answer": "1000003"} for i in range(12)
             for c, text in (("a", f"Compute the {i}th  prime number."), ("b", f"compute the {i}th prime\nnumber. "))]
     soar.write_jsonl_atomic(tmp_path / "dup.jsonl", rows)
     prefix = tmp_path / "filter" / "dup"
     hard = pipeline.fail_at_k(pipeline.make_config(["--model", str(tiny)], "test"), [tmp_path / "dup.jsonl"], 2, prefix)
-    sides = {part: [pipeline.problem_key(r) for r in lines_of(f"{prefix}_{part}.jsonl")] for part in ("train", "val", "test")}
+    sides = {part: [pipeline.problem_key(r) for r in lines_of(f"{prefix}_{part}.jsonl")] for part in ("train", "test")}
     keys = [key for side in sides.values() for key in side]
-    assert len(keys) == len(set(keys)) == len(hard) == 12
+    assert len(keys) == len(set(keys)) == len(hard) == 12 and len(sides["train"]) == 6
+    assert not Path(f"{prefix}_val.jsonl").exists()
     meta = json.loads(Path(f"{prefix}_meta.json").read_text())["split"]
-    assert meta == {"k": 2, "problems": 24, "duplicates_removed": 12, "unsolved": 12,
-                    **{part: len(side) for part, side in sides.items()}}
-    upper, counts = pipeline.upper_bound(rows, lines_of(f"{prefix}_test.jsonl"))
-    assert len(upper) == 12 - len(sides["test"]) and not {pipeline.problem_key(r) for r in upper} & set(sides["test"])
-    assert counts == {"rows": 24, "duplicates_removed": 12, "test_problems_removed": len(sides["test"])}
+    assert meta == {"k": 2, "problems": 24, "duplicates_removed": 12, "unsolved": 12, "train": 6, "test": 6}
+    extra, counts = pipeline.extra_data(rows, lines_of(f"{prefix}_test.jsonl"))
+    assert len(extra) == 6 and not {pipeline.problem_key(r) for r in extra} & set(sides["test"])
+    assert counts == {"rows": 24, "duplicates_removed": 12, "test_problems_removed": 6}
+    val = tmp_path / "val" / "dup"
+    pipeline.fail_at_k(pipeline.make_config(["--model", str(tiny), "--val_share", "0.5"], "test"),
+                       [tmp_path / "dup.jsonl"], 2, val)
+    assert [len(lines_of(f"{val}_{part}.jsonl")) for part in ("train", "val", "test")] == [3, 3, 6]
 
 
-def test_promotion_needs_a_full_window_above_tau_and_a_best_dataset_above_tau():
-    cfg = soar.make_config([], "lab")
-    assert (cfg.tau, cfg.window) == (0.01, 3)  # the paper's
-    window, decisions = [], []
-    for step_reward, best_reward in [(0.1, 0.2), (0.1, 0.2), (0.1, 0.2),  # promote once the window is full
-                                     (-0.05, -0.01),  # average 0.05, but every student is worse: no
-                                     (0.05, 0.1),  # the window did not start over: promote again at once
-                                     (-0.2, 0.3), (0.0, 0.3)]:  # best above tau, average not: no
-        decisions.append(soar.promotion(window, step_reward, best_reward, cfg)[0])
-    assert decisions == [False, False, True, False, True, False, False]
-    assert window == [0.05, -0.2, 0.0]
+def test_the_slope_rule_reads_a_training_where_its_reward_levels_off():
+    """[paper B.6] smoothed reward, normalized slopes, the first step past the steepest where the slope
+    is below 15% of it; the test curve averaged over the 200 steps from there."""
+    cfg = pipeline.make_config([], "paper")
+    assert (cfg.smooth_window, cfg.slope_threshold, cfg.readout_window, cfg.steps) == (25, 0.15, 200, 1500)
+    sigmoid = [1 / (1 + math.exp(-(t - 300) / 40)) for t in range(1500)]  # rises around step 300, flat by ~420
+    stop = pipeline.stopping_step(sigmoid)  # sigma(1 - sigma) = 0.15 / 4 at 300 + 40 ln(0.961 / 0.039) = 428
+    assert 420 <= stop <= 435
+    late = [0.0] * 700 + [min(1.0, (t - 700) / 100) for t in range(700, 1500)]  # flat, then a linear rise to step 800
+    assert 790 <= pipeline.stopping_step(late) <= 815  # not step 0, where the slope is also "below 15%"
+    assert pipeline.stopping_step([0.3] * 100) == 0 and pipeline.stopping_step([1.0 - t / 100 for t in range(100)]) == 0
+    # noise in the reward (a step's mean over 8 x 32 samples has std ~0.03) moves the stop earlier: the
+    # slopes of a 25-step average still wobble by ~1.4 sigma / 25, against a threshold of 0.15 x 0.00625
+    noisy = lambda sigma: pipeline.stopping_step([s + random.Random(t).gauss(0, sigma) for t, s in enumerate(sigmoid)])
+    assert stop - 30 < noisy(0.005) <= stop and 300 < noisy(0.03) < stop - 40
+    rows = [{"step": t, "reward": sigmoid[t], **({"curve": {"pass_at_k": {"1": t / 1500}, "greedy_acc": 0.5}}
+                                                  if (t + 1) % 50 == 0 else {})} for t in range(1500)]
+    result = pipeline.read_out(rows, cfg)
+    points = [(t + 1) / 1500 - 1 / 1500 for t in range(1500) if (t + 1) % 50 == 0 and stop <= t + 1 <= stop + 200]
+    assert result["stop_step"] == stop and result["points"] == len(points) == 4
+    assert result["pass_at_k"]["1"] == pytest.approx(statistics.fmean(points))
+    assert pipeline.read_out(rows, cfg, at_step=50)["pass_at_k"]["1"] == pytest.approx(49 / 1500)  # OlympiadBench
+
+
+def test_the_math_pool_is_its_test_split_only(tiny, tmp_path):
+    """[paper B.5] the model has likely seen MATH train: the fail@128 pool is the official test split
+    only (MATH train is the upper bound's and the oracle arms' curated data)."""
+    hub_layout(tmp_path)  # MATH train: 1+1?, 2+2?, the angles of a triangle; test: 3+3?, a right angle
+    run, data = tmp_path / "run", tmp_path / "data"
+    pipeline.main(["paper", "--preset", "test", "--model", str(tiny), "--out", str(run), "--data_dir", str(data),
+                   "--sources", f"math={tmp_path / 'math'}", "--transfer", "", "--methods", "Base"])
+    counted = {r["id"] for r in lines_of(run / "filter" / "math_counts.jsonl")}
+    assert counted == {r["id"] for r in lines_of(data / "math_test.jsonl")} and len(counted) == 2
+    assert not counted & {r["id"] for r in lines_of(data / "math_train.jsonl")}
+
+
+def test_the_promotion_rule_and_its_gate():
+    """[paper Alg. 1] promote when a full 3-step window of step rewards averages above tau, the window
+    running on across promotions; the gate [ours, off in the paper preset] also asks the step's best
+    dataset to beat tau (the window still holds rewards measured against an earlier baseline)."""
+    cfg = soar.make_config([], "paper")
+    assert (cfg.tau, cfg.window, cfg.promotion_gate) == (0.01, 3, False)
+    steps = [(0.1, 0.2), (0.1, 0.2), (0.1, 0.2),  # promote once the window is full
+             (-0.05, -0.01),  # average 0.05, but every student of the step is worse: the gate says no
+             (0.05, 0.1),  # the window did not start over: promote again at once
+             (-0.2, 0.3), (0.0, 0.3)]  # best above tau, average not: no
+    for gate, expected in ((False, [False, False, True, True, True, False, False]),
+                           (True, [False, False, True, False, True, False, False])):
+        cfg.promotion_gate, window = gate, []
+        assert [soar.promotion(window, step, best, cfg)[0] for step, best in steps] == expected
+        assert window == [0.05, -0.2, 0.0]
     assert soar.promotion([], 0.5, 0.0, cfg) == (False, 0.5)  # a partial window averages what it has
+
+
+# The paper's values (Table 3 and the appendix, v3), each where the paper states it: the paper preset
+# must be exactly these, and a field whose comment says [paper] must be one of them.
+PAPER_VALUES = {  # field: (value, section)
+    "model": ("meta-llama/Llama-3.2-3B-Instruct", "4.1"), "algo": ("rloo", "3.3"), "lr": (1e-5, "Table 3"),
+    "lr_schedule": ("cosine", "Table 3"), "warmup": (0, "Table 3"), "kl_beta": (0.001, "Table 3"),
+    "batch_size": (8, "Table 3"), "group_size": (32, "Table 3"), "temperature": (1.0, "Table 3"),
+    "max_new_tokens": (1024, "Table 3"), "reward_levels": ("120,20,10,0", "B.3"), "steps": (1500, "B.6"),
+    "curriculum_steps": (0, "B.6"), "outer_steps": (200, "4.2"), "dataset_size": (64, "4.2"),
+    "n_datasets": (4, "Table 3"), "teacher_batch": (2, "Table 3"), "repeats": (4, "B.3"), "qr_size": (64, "4.2"),
+    "inner_steps": (10, "3.3"), "promoted_inner_steps": (15, "B.7"), "tau": (0.01, "4.2"), "window": (3, "4.2"),
+    "promote_repeat": ("median", "Alg. 1"), "teacher_lr": (1e-5, "Table 3"), "teacher_warmup": (20, "Table 3"),
+    "teacher_kl_beta": (0.001, "Table 3"), "teacher_temperature": (1.0, "Table 3"),
+    "teacher_max_new_tokens": (512, "Table 3"), "teacher_topics": (soar.MATH_SUBJECTS, "B.1"),
+    "rejection_sampling": (True, "B.2"), "teacher_reward": ("grounded", "3.2"), "learnability_samples": (32, "B.4"),
+    "eval_max_new_tokens": (1024, "Table 3"), "eval_n": (32, "4.3"), "eval_k": ("1,4,8,16,32", "4.3"),
+}
+
+
+def presets_table():
+    """The README's table of the presets, value by value: every field where a preset differs from the
+    paper's (regenerate: python -c "import test_soar; print(test_soar.presets_table())")."""
+    names, comments = list(pipeline.PRESETS), soar.config_comments(pipeline.PipelineConfig)
+    cfgs = {n: pipeline.make_config([], n) for n in names}
+    show = lambda v: ("all" if v == pipeline.METHODS else " ".join(map(str, v)) or "''") if isinstance(v, list) \
+        else str(v) if v != "" else "''"
+    rows = ["| field | " + " | ".join(names) + " | source |", "|---|" + "---|" * len(names) + "---|"]
+    for f in pipeline.PipelineConfig.__dataclass_fields__:
+        values = [getattr(cfgs[n], f) for n in names]
+        if all(v == values[0] for v in values) or f in ("out", "data", "data_dir", "model"):
+            continue
+        mark = re.match(r"\[(paper[^\]]*|ours)\]", comments[f])
+        cells = [show(values[0])] + ["·" if v == values[0] else show(v) for v in values[1:]]
+        rows.append(f"| `{f}` | " + " | ".join(cells) + f" | {mark[0] if mark else ''} |")
+    return "\n".join(rows)
+
+
+def test_the_readme_lists_the_presets_value_by_value():
+    assert presets_table() in (HERE / "README.md").read_text(), presets_table()
+
+
+def test_the_paper_preset_is_the_paper_value_for_value():
+    """Each [paper] value pinned: an edit that drifts from the paper fails here; a new [paper] mark
+    must name its section and join this table. The node preset differs only where it says why."""
+    cfg, comments = soar.make_config([], "paper"), soar.config_comments()
+    for name, (value, section) in PAPER_VALUES.items():
+        assert getattr(cfg, name) == value and comments[name].startswith(f"[paper {section}]"), (name, comments[name])
+    assert {name for name, c in comments.items() if c.startswith("[paper")} == set(PAPER_VALUES)
+    assert all(c.startswith("[ours]") for name, c in comments.items() if c.startswith("[") and name not in PAPER_VALUES)
+    node = soar.make_config([], "node")
+    assert {k for k, v in dataclasses.asdict(node).items() if v != getattr(cfg, k)} == {"teacher_batch", "repeats"}
 
 
 def write_parquet(path, rows):
@@ -1585,56 +1754,65 @@ def test_a_hub_revision_without_the_configs_parquet_files_is_named(tmp_path, mon
         prep.prepare("olympiadbench", f"hf://Hothan/OlympiadBench@{commit}", tmp_path / "data")
 
 
-def test_question_diversity():
-    same = pipeline.question_diversity(["What is the sum of 2 and 3?"] * 50)
-    varied = pipeline.question_diversity(["What is the sum of 2 and 3?", "Find the area of a circle of radius 4.",
-                                      "How many primes are below 100?", "Solve x^2 - 5x + 6 = 0."])
-    assert same["jaccard"] == 1.0 and same["distinct_2"] == pytest.approx(1 / 50)
-    assert varied["jaccard"] < 0.2 and varied["distinct_2"] > 0.9
+def test_the_vendi_score_counts_distinct_items():
+    """[paper Table 1] VS = exp(entropy of the eigenvalues of K/n): n identical items score 1, n
+    orthogonal ones n, two clusters of equal size 2; bootstrapped to subsets of 128."""
+    eye = torch.eye(6).tolist()
+    assert pipeline.vendi_score([[1.0, 0.0]] * 5) == pytest.approx(1.0)
+    assert pipeline.vendi_score(eye) == pytest.approx(6.0)
+    assert pipeline.vendi_score([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3) == pytest.approx(2.0)
+    many = [[1.0, 0.0]] * 150 + [[0.0, 1.0]] * 150
+    mean, std, n = pipeline.diversity(many, rounds=20)
+    assert n == 128 and 1.9 < mean <= 2.0 and std < 0.1
+    assert pipeline.diversity(eye) == (pytest.approx(6.0), 0.0, 6)
 
 
-def test_report_table_and_claims(tmp_path):
-    for seed, (p1, p32) in enumerate([(0.1, 0.3), (0.2, 0.4), (0.3, 0.5)]):
-        soar.write_json_atomic(tmp_path / "run" / "eval" / f"base{seed}.json", {
-            "method": "Base", "dataset": "math", "seed": seed, "greedy_acc": p1,
-            "pass_at_k": {"1": p1, "2": p1, "4": p1, "8": p32, "16": p32, "32": p32}})
-    for seed, (p1, p32) in enumerate([(0.4, 0.6), (0.6, 0.7)]):
-        soar.write_json_atomic(tmp_path / "run" / "eval" / f"pq{seed}.json", {
-            "method": "SOAR-PQ", "dataset": "math", "seed": seed, "greedy_acc": p1,
-            "pass_at_k": {"1": p1, "32": p32}})
+def write_eval(path, method, dataset, p1, p32, teacher="", note="", greedy=None):
+    soar.write_json_atomic(path, {"method": method, "dataset": dataset, "greedy_acc": p1 if greedy is None else greedy,
+                                  "teacher": teacher, "note": note,
+                                  "pass_at_k": {"1": p1, "4": p1, "8": p32, "16": p32, "32": p32}})
+
+
+def test_report_beside_the_paper_and_its_claims_over_hard_only(tmp_path):
+    """Each arm: mean ± std over its students, the paper's number beside it; the abstract's claims as
+    ratios and differences over Hard-Only [Tables 4-5]; SeRL as the paper's only."""
+    for seed, (p1, p32) in enumerate([(0.004, 0.08), (0.006, 0.10), (0.005, 0.09)]):
+        write_eval(tmp_path / "run" / "eval" / f"ho{seed}.json", "Hard-Only", "math", p1, p32)
+    for seed, (p1, p32) in enumerate([(0.01, 0.17), (0.03, 0.21)]):
+        write_eval(tmp_path / "run" / "eval" / f"pq{seed}.json", "SOAR-PQ", "math", p1, p32, teacher=f"soar_math_seed{seed}")
     text = pipeline.render_report([tmp_path / "run"], tmp_path / "report")
     assert (tmp_path / "report" / "report.md").read_text() == text
-    # Base pass@1 over seeds 10, 20, 30 -> 20.0 ± 10.0 (sample std); pass@32 40.0 ± 10.0
-    assert "| Base | 3 | 20.0 ± 10.0 | 20.0 ± 10.0 | 20.0 ± 10.0 | 40.0 ± 10.0 | 40.0 ± 10.0 | 40.0 ± 10.0 | 20.0 ± 10.0 |" in text
-    assert f"| SOAR-PQ | 2 | 50.0 ± {100 * statistics.stdev([0.4, 0.6]):.1f} | - |" in text
-    assert "| math | SOAR-PQ / Base | 1 | ~4x | 2.5x |" in text and "| math | SOAR-PQ / Base | 32 | ~2x | 1.6x |" in text
-    assert "| harp | SOAR-PQ / Base | 1 | ~2x | - |" in text
+    assert "| Hard-Only | 3 | 0.5 ± 0.1 (0.5) | 0.5 ± 0.1 (1.7) | 9.0 ± 1.0 (3.2) | 9.0 ± 1.0 (5.7) | 9.0 ± 1.0 (9.6) | 0.5 ± 0.1 |" in text
+    assert f"| SOAR-PQ | 2 | 2.0 ± {100 * statistics.stdev([0.01, 0.03]):.1f} (1.7) |" in text
+    assert "| SeRL (step 50) | 0 | not run here (0.5) |" in text and "| SOAR-PS | 0 | - (1.0) |" in text
+    assert "| MATH | SOAR-PQ / Hard-Only | 1 | 4x | 4.0x |" in text  # 0.02 / 0.005
+    assert "| MATH | SOAR-PQ - Hard-Only | 32 | +9.3 | +10.0 points |" in text  # 0.19 - 0.09
+    assert "| HARP |" not in text  # no HARP results, no HARP claims
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["SOAR-PQ"]["teacher"] == ["soar_math_seed0", "soar_math_seed1"]  # for run-level statistics
 
 
 def test_report_lists_the_seeds_values_in_seed_order(tmp_path):
     for seed in range(12):  # the pipeline's names: seed10 sorts before seed2 as text
-        soar.write_json_atomic(tmp_path / "run" / "eval" / f"Hard-Only_lab_seed{seed}.json", {
-            "method": "Hard-Only", "dataset": "lab", "seed": seed, "greedy_acc": seed / 100,
-            "pass_at_k": {"1": seed / 100, "8": seed / 50}})
+        write_eval(tmp_path / "run" / "eval" / f"Hard-Only_lab_seed{seed}.json", "Hard-Only", "lab", seed / 100, seed / 50)
     pipeline.render_report([tmp_path / "run"], tmp_path / "report")
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert results == {"Hard-Only": {"pass@1": [s / 100 for s in range(12)], "pass@8": [s / 50 for s in range(12)],
-                                     "greedy": [s / 100 for s in range(12)]}}
+                                     "greedy": [s / 100 for s in range(12)], "teacher": [""] * 12}}
 
 
 def test_report_says_when_a_method_degenerated(tmp_path):
     note = "degenerate: no promotion in soar_math, so it trained on the hard split alone: Hard-Only under another name"
-    for method, extra in (("Base", {}), ("Hard-Only", {}), ("SOAR-PQ", {"note": note})):
-        soar.write_json_atomic(tmp_path / "run" / "eval" / f"{method}.json", {
-            "method": method, "dataset": "math", "greedy_acc": 0.1, "pass_at_k": {"1": 0.1, "32": 0.3}, **extra})
+    for method, extra in (("Base", ""), ("Hard-Only", ""), ("SOAR-PQ", note)):
+        write_eval(tmp_path / "run" / "eval" / f"{method}.json", method, "math", 0.1, 0.3, note=extra)
     text = pipeline.render_report([tmp_path / "run"], tmp_path / "report")
-    assert f"| SOAR-PQ | 1 | {note} |" in text and "| Hard-Only | 1 | 10.0 |" in text
-    assert "| math | SOAR-PQ / Base | 1 | ~4x | n/a: SOAR-PQ degenerate |" in text
-    assert "| math | SOAR-PQ - Hard-Only | 32 | up to +9.3 | n/a: SOAR-PQ degenerate |" in text
+    assert f"| SOAR-PQ | 1 | {note} |" in text and "| Hard-Only | 1 | 10.0 (0.5) |" in text
+    assert "| MATH | SOAR-PQ / Hard-Only | 1 | 4x | n/a: SOAR-PQ degenerate |" in text
 
 
 def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
-    """Every stage on tiny models and a few real problems; every value the user set reaches every
+    """Every stage and every arm on tiny models and a few real problems: MATH, with OlympiadBench as the
+    transfer set (split and trained on, read at its step); every value the user set reaches every
     stage (the pipeline logs each job's argv in jobs.jsonl); a second run does nothing."""
     math500 = sample_rows("math500.jsonl")
     (tmp_path / "MATH").mkdir()
@@ -1645,9 +1823,9 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
         [{"id": r["id"], "question": r["question"], "final_answer": [f"${r['answer']}$"]} for r in amc]))
     argv = ["paper", "--preset", "test", "--model", str(tiny), "--out", str(tmp_path / "run"),
             "--data_dir", str(tmp_path / "data"), "--sources", f"math={tmp_path / 'MATH'}",
-            f"olympiadbench={tmp_path / 'OE_TO_maths_en_COMP.json'}"]
-    given = {"outer_steps": 2, "steps": 1, "eval_n": 2, "eval_k": "1,2", "lr": 0.02, "tau": -0.5,
-             "micro_batch_tokens": 1024, "gpu_memory_utilization": 0.3}  # none of them the preset's
+            f"olympiadbench={tmp_path / 'OE_TO_maths_en_COMP.json'}", "--embedding_model", str(tiny)]
+    given = {"outer_steps": 2, "eval_n": 2, "eval_k": "1,2", "lr": 0.02, "gpu_memory_utilization": 0.3,
+             "micro_batch_tokens": 1024}  # none of them the preset's
     argv += [str(a) for k, v in given.items() for a in (f"--{k}", v)] + ["--seed", "5"]
     pipeline.main(argv)
     run = tmp_path / "run"
@@ -1655,35 +1833,55 @@ def test_pipeline_end_to_end_on_the_test_preset(tiny, tmp_path):
     assert {job[0] for job in jobs} == {"filter", "soar", "questions", "select_ps", "train", "eval"}
     for job in jobs:
         at = job.index("--preset")
-        module = soar if job[0] in soar.OPTIONS else pipeline
-        cfg = module.make_config(job[1:at] + job[at + 2:], job[at + 1])
-        assert {k: getattr(cfg, k) for k in given} == given and cfg.seed == 5, job  # 5 + protocol seed 0
-    counts = lines_of(run / "filter" / "math_counts.jsonl")
-    assert len(counts) == 20 and all(set(c) == {"id", "successes", "k"} and c["k"] == 2 for c in counts)
-    hard = [c["id"] for c in counts if c["successes"] == 0]
-    split = {p: {r["id"] for r in lines_of(run / "filter" / f"math_{p}.jsonl")} for p in ("train", "val", "test")}
-    assert sorted(set.union(*split.values())) == sorted(hard) and not split["train"] & split["test"]
-    assert len(split["test"]) == len(hard) - len(hard) // 2  # 50/50
-    assert len(lines_of(run / "filter" / "olympiadbench_test.jsonl")) == sum(
-        c["successes"] == 0 for c in lines_of(run / "filter" / "olympiadbench_counts.jsonl"))  # held out: all test
-    for kind in ("soar_math", "intrinsic_math"):
+        cfg = (soar if job[0] in soar.OPTIONS else pipeline).make_config(job[1:at] + job[at + 2:], job[at + 1])
+        assert {k: getattr(cfg, k) for k in given} == given and cfg.seed >= 5, job  # 5 + the job's seed
+    last = lambda job, flag: job[max(i for i, a in enumerate(job) if a == flag) + 1]  # the job's own, after the base's
+    soars = {Path(last(job, "--out")).name: job for job in jobs if job[0] == "soar"}
+    assert set(soars) == {"soar_math_seed0", "nopromo_math_seed0", "intrinsic_seed0"}
+    assert soars["nopromo_math_seed0"][-2:] == ["--tau", "inf"] and "learnability" in soars["intrinsic_seed0"]
+    for name in ("math", "olympiadbench"):  # both split 50/50, neither with a validation slice
+        counts = lines_of(run / "filter" / f"{name}_counts.jsonl")
+        hard = sorted(c["id"] for c in counts if c["successes"] == 0)
+        split = {p: {r["id"] for r in lines_of(run / "filter" / f"{name}_{p}.jsonl")} for p in ("train", "test")}
+        assert sorted(split["train"] | split["test"]) == hard and len(split["test"]) == len(hard) - len(hard) // 2
+    assert len(lines_of(run / "filter" / "math_counts.jsonl")) == 10  # the MATH pool: its test split only
+    for kind in ("soar_math_seed0", "nopromo_math_seed0", "intrinsic_seed0"):
         assert len(lines_of(run / kind / "metrics.jsonl")) == 2  # --outer_steps 2, not the preset's 3
-    assert all(len(lines_of(m)) == 1 for m in (run / "train").glob("*/metrics.jsonl"))  # --steps 1
-    assert json.loads((run / "soar_math" / "promoted_student.json").read_text())["best"]
-    evals = sorted(p.name for p in (run / "eval").glob("*.json"))
-    methods = ["Base", "Hard-Only", "Hard-Only-4x", "Intrinsic-T", "SOAR-PQ", "SOAR-PS", "Upper_bound"]
-    assert evals == sorted(f"{m}_{d}_seed0.json" for m in methods for d in ("math", "olympiadbench"))
-    for f in (run / "eval").glob("*.json"):
-        r = json.loads(f.read_text())
-        assert set(r["pass_at_k"]) == {"1", "2"} and 0 <= r["greedy_acc"] <= 1 and r["n"] == 2
+    trainings = {p.parent.name: lines_of(p) for p in (run / "train").glob("*/metrics.jsonl")}
+    arms = ["Hard-Only", "Hard-Only-4x", "Upper_bound", "MATH_train_128", "Base-T", "SOAR-PQ", "Grounded-T",
+            "Grounded-T_no_promotion", "Intrinsic-T"]
+    expected = {f"{a}_math_{'seed0' if a in arms[:4] else 't0s0'}" for a in arms} | {
+        f"{a}_olympiadbench_{'seed0' if a in arms[:4] else 't0s0'}" for a in arms if a != "Hard-Only-4x"}
+    expected = {e.replace("SOAR-PQ_olympiadbench", "SOAR-PQ_MATH_olympiadbench").replace(
+        "Grounded-T_olympiadbench", "Grounded-T_MATH_olympiadbench").replace(
+        "Grounded-T_no_promotion_olympiadbench", "Grounded-T_no_promotion_MATH_olympiadbench") for e in expected}
+    assert set(trainings) == expected
+    for name, rows in trainings.items():  # each its test curve; the transfer set's read at its step
+        assert len(rows) == (1 if "olympiadbench" in name else 2) and all("curve" in r for r in rows)
+    configs = {name: json.loads((run / "train" / name / "config.json").read_text()) for name in trainings}
+    assert configs["Grounded-T_math_t0s0"]["curriculum_steps"] == 1 and configs["Grounded-T_math_t0s0"]["warmup"] == 0
+    assert configs["Hard-Only_math_seed0"]["warmup"] == 20 and configs["Hard-Only-4x_math_seed0"]["group_size"] == 8
+    assert configs["Grounded-T_MATH_olympiadbench_t0s0"]["curriculum_steps"] == 0  # mixed off MATH [B.6]
+    results = {p.stem: json.loads(p.read_text()) for p in (run / "eval").glob("*.json")}
+    assert set(results) == set(trainings) | {f"{m}_{d}_{label}" for d in ("math", "olympiadbench") for m, label in (
+        ("Base", "seed0"), ("SOAR-PS" + "_MATH" * (d != "math"), "t0s0"),
+        ("Inference_with_Grounded-T" + "_MATH" * (d != "math"), "t0s0"))}
+    for r in results.values():
+        assert set(r["pass_at_k"]) == {"1", "2"} and 0 <= r["greedy_acc"] <= 1
         # 2 outer steps, window 3: no promotion, so SOAR-PQ is Hard-Only and PS the base model, and say so
-        assert r["note"].startswith("degenerate: no promotion") == (r["method"] in ("SOAR-PQ", "SOAR-PS"))
+        assert r["note"].startswith("degenerate: no promotion") == r["method"].startswith(("SOAR-PQ", "SOAR-PS"))
     report = (run / "report" / "report.md").read_text()
-    assert "| SOAR-PQ | 1 | degenerate: no promotion in soar_math" in report and "| soar_math | 2 |" in report
+    assert "| SOAR-PQ | 1 | degenerate: no promotion in soar_math_seed0" in report and "| soar_math_seed0 | 2 |" in report
+    assert "## OlympiadBench" in report and "| SOAR-PQ (MATH) | 1 |" in report
+    assert re.search(r"\| Hard-Only \| 1 \| \d+\.\d \(0\.5\) \|", report)  # ours beside Table 4's
+    assert "| SeRL (step 100) | 0 | not run here (0.5) |" in report
+    assert "| MATH | SOAR-PQ / Hard-Only | 1 | 4x | n/a: SOAR-PQ degenerate |" in report  # the claims, over Hard-Only
+    assert f"Vendi Score (VS): {tiny} embeddings (the paper's: Qwen3-8B)" in report
+    assert re.search(r"\| intrinsic_seed0 questions \| \d+\.\d\d ± 0\.00 \(n 4\) \| - \|", report)  # 4 questions
     meta = json.loads((run / "filter" / "math_meta.json").read_text())
-    assert meta["split"]["problems"] == 20 and meta["upper"]["rows"] == 10
+    assert meta["split"]["problems"] == 10 and meta["upper"]["rows"] == 10
     if __import__("importlib").util.find_spec("matplotlib"):  # ./run.sh test installs it
-        for png in ("passk_math.png", "passk_olympiadbench.png", "teacher_soar_math.png"):
+        for png in ("passk_math.png", "passk_olympiadbench.png", "teacher_soar_math_seed0.png"):
             assert (run / "report" / png).read_bytes()[:4] == b"\x89PNG"
     # a second run finds everything done: no file is rewritten but the report
     kept = lambda p: p.is_file() and "report" not in p.parts and p.name != "jobs.jsonl" and not p.name.endswith(".writer")
@@ -1742,8 +1940,7 @@ def test_fail_at_k_shards_resume_and_split(tiny, toy_train, tmp_path):
     hard = pipeline.fail_at_k(pipeline.make_config(args + ["--shard", "1"], "test"), [toy_train], 3, prefix)
     c0, c1 = lines_of(f"{prefix}_counts0.jsonl"), lines_of(f"{prefix}_counts1.jsonl")
     assert len(c0) == 6 and len(c1) == 6 and not {r["id"] for r in c0} & {r["id"] for r in c1}
-    assert [r["id"] for r in hard] == [r["id"] for r in lines_of(f"{prefix}_val.jsonl") +
-                                       lines_of(f"{prefix}_train.jsonl") + lines_of(f"{prefix}_test.jsonl")]
+    assert [r["id"] for r in hard] == [r["id"] for r in lines_of(f"{prefix}_train.jsonl") + lines_of(f"{prefix}_test.jsonl")]
     assert {r["id"] for r in hard} == {r["id"] for r in c0 + c1 if r["successes"] == 0}
     stamp = Path(f"{prefix}_counts0.jsonl").stat().st_mtime_ns
     again = pipeline.fail_at_k(pipeline.make_config(["--model", str(tiny)], "test"), [toy_train], 3, prefix)
@@ -1767,19 +1964,25 @@ def test_bench_measures_and_projects_the_run(tiny, tmp_path):
 
 
 def test_projection_of_the_paper_run_by_hand():
-    """project_run on round measurements, worked by hand for the paper preset (g = 4 datasets, r = 2,
-    n = 64, 10 inner steps of 8 x 8, |Q_R| = 64, on 8 GPUs; the assumed answers of 500 tokens, teacher
-    rollouts of 300, prompts of 150): sampling and training at 10k tokens/s, sync 0.5 s, copies 1 s,
-    an offload round trip 1.8 s, a checkpoint 10 s."""
+    """project_run on round measurements, worked by hand for the paper preset on its 32 GPUs: 2 x 4
+    datasets of 64 x 4 repeats = 32 inner loops, one per GPU, of 15 steps (after a promotion) of 8 x 32
+    answers; the assumed answers of 500 tokens, rollouts of 300 (80% parse), prompts of 150, a KL
+    reference forward at 1/3 of a training step. Sampling and training at 10k tokens/s, sync 0.5 s,
+    copies 1 s, an offload round trip 1.8 s, a checkpoint 10 s (hidden behind the step)."""
     m = {"device": "NVIDIA H100", "vllm_sample_tok_s": 1e4, "sync_s": 0.5, "trainer": {"tok_s": 1e4},
          "offload_s": 1.8, "checkpoint_s": 10.0, "copies_s": 1.0}
-    step = pipeline.project_run(m)[0]["outer_step_s"]
-    inner_step = 64 * 500 / 1e4 + 0.5 + 64 * 650 / 1e4  # 64 answers sampled, a sync, 64 sequences trained
-    assert step["teacher_sample"] == pytest.approx(0.5 + 256 * 300 / 1e4)  # 8.18 s
-    assert step["inner_loops"] == pytest.approx(10 * inner_step + 64 * 500 / 1e4 + 1.0)  # one per GPU: 82.8 s
+    projection = pipeline.project_run(m)[0]
+    step = projection["outer_step_s"]
+    rl_step = 256 * 500 / 1e4 + 0.5 + 256 * 650 / 1e4 * 4 / 3  # 35.49 s: sample, sync, train with the reference
+    assert projection["gpus"] == 32 and step["teacher_sample"] == pytest.approx(0.5 + 640 * 300 / 1e4)  # 19.7 s
+    assert step["inner_loops"] == pytest.approx(15 * rl_step + 64 * 500 / 1e4 + 1.0)  # 536.5 s
     assert step["baseline_eval"] == pytest.approx(3.2) and step["offload"] == pytest.approx(1.8 * 24 / 18)
-    assert step["teacher_update"] == pytest.approx(256 * 450 / 1e4) and step["checkpoint"] == 0.0  # hidden
-    assert step["total"] == pytest.approx(108.1)
+    assert step["teacher_update"] == pytest.approx(512 * 450 / 1e4 * 4 / 3) and step["checkpoint"] == 0.0
+    assert step["total"] == pytest.approx(592.52, abs=0.01)
+    assert projection["soar_run_h"] == pytest.approx(200 * 592.52 / 3600, abs=0.01)  # 32.9 h
+    node = pipeline.project_run(m, "node")[0]  # 1 group x 4 datasets x 2 repeats on 8 GPUs: one round too
+    assert node["gpus"] == 8 and node["outer_step_s"]["inner_loops"] == pytest.approx(step["inner_loops"])
+    assert node["outer_step_s"]["teacher_update"] == pytest.approx(step["teacher_update"] / 2)
 
 
 def test_projection_says_what_it_assumes_without_vllm():

@@ -10,7 +10,7 @@ OUT/lab_oracle.jsonl (the oracle curriculum), and builds the lab model into MODE
 
 The problems ask to sort K digits, "Sort 3152." -> 1235; the difficulty knob is K. The lab model is
 a 0.8M-parameter Llama warmed up from scratch the way a pretrained LM is made: on *text* of problems
-with their answers, "Question: Sort ...\nAnswer: \\boxed{...}" (the teacher's format), K up to 8,
+with their answers, "<question>Sort ...</question><answer>\\boxed{...}</answer>" (the teacher's format), K up to 8,
 and instruction-tuned as a solver (the student's format) only up to K = 5 (K = 5 rarely): a model
 that can write problems it cannot solve, the paper's premise. Nothing tells the teacher the tiers;
 D_train and D_test come from fail@128 on the hard tier (K = 7); the oracle curriculum is RL on the
@@ -62,18 +62,19 @@ def lab_world(folder, seed=0):
 def build_lab_model(folder, seed=LAB["warmup_seed"], steps=LAB["warmup_steps"]):
     """The lab model (once, ~2 minutes on 2 cores; cached in folder, with the LAB recipe it was built
     from and a sample of its world's problems: a changed recipe or world rebuilds it). Its tokenizer
-    is the character tokenizer with the two fixed instructions and the chat markers as single tokens
-    (the model never needs to spell them out: prompts shrink from 100-275 tokens to 3-20). Batches
+    is the character tokenizer with the two fixed instructions, the chat markers and the teacher's tags
+    as single tokens (the model never needs to spell them out: prompts shrink from 300-500 tokens to 3-20). Batches
     alternate between the formats (mixing them in one batch pads badly). Built in a child process on
     the lab's CPU kernels when this one is not on them."""
     def sample(rng, step):
         teacher = step % 2 == 1
         p = lab_problem(rng, rng.choice(LAB["teacher_k"]) if teacher else rng.choices(*zip(*LAB["student_k"].items()))[0])
-        return (soar.TEACHER_PROMPT, f"Question: {p['problem']}\nAnswer: \\boxed{{{p['answer']}}}") if teacher else \
-            (soar.STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
+        return (soar.teacher_prompt(soar.Config()), f"<question>{p['problem']}</question><answer>\\boxed{{{p['answer']}}}"
+                "</answer>") if teacher else (soar.STUDENT_PROMPT.format(problem=p["problem"]), f"\\boxed{{{p['answer']}}}")
     world = [lab_problem(random.Random(0), k) for k in LAB["teacher_k"]]  # a changed lab_problem changes these
     folder, recipe = Path(folder), json.dumps({k: LAB[k] for k in ("student_k", "teacher_k")}
-                                              | {"warmup_steps": steps, "seed": seed, "cpu": CPU, "world": world})
+                                              | {"warmup_steps": steps, "seed": seed, "cpu": CPU, "world": world,
+                                                 "prompts": [soar.STUDENT_PROMPT, soar.teacher_prompt(soar.Config())]})
     if (folder / "lab.json").exists() and (folder / "lab.json").read_text() == recipe:
         return folder
     if any(os.environ.get(k) != v for k, v in CPU.items()):
@@ -82,7 +83,8 @@ def build_lab_model(folder, seed=LAB["warmup_seed"], steps=LAB["warmup_steps"]):
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     tok = soar.char_tokenizer()
-    tok.add_tokens([soar.STUDENT_PROMPT.format(problem=""), soar.TEACHER_PROMPT, "user: ", "\nassistant: "])
+    tok.add_tokens([*soar.STUDENT_PROMPT.format(problem="\0").split("\0"), soar.teacher_prompt(soar.Config()), "user: ", "\nassistant: ",
+                    "<question>", "</question>", "<answer>", "</answer>"])
     print(f"building the lab model in {folder} (once, about 2 minutes on 2 cores)")
     return soar.small_llama(folder, tok, sample, steps, hidden=128, layers=3, batch=64, decay=True,
                             seed=seed, files={"lab.json": recipe})  # a model without its recipe is never in place
@@ -101,6 +103,22 @@ def tier_shares(question_files):
     shares["answer right"] = [sum(k is not None and q["answer"] == answer for (k, answer), q in zip(step, qs)) / len(qs)
                               for step, qs in zip(solved, rows)]
     return shares
+
+
+def right_answer_share(rows):
+    """The share of a question set's rows ({"question", "answer"}) that are the world's questions with
+    the right answer; None when none is a question of this world (no checker there)."""
+    solved = [lab_solve(r["question"]) for r in rows]
+    if not any(solved):
+        return None
+    return sum(s is not None and s[1] == r["answer"] for s, r in zip(solved, rows)) / len(rows)
+
+
+def features(questions):
+    """The Vendi Score's embedding of the lab's questions: one-hot by tier (K), and one slot for
+    anything else (the report's diversity in this world)."""
+    ks = LAB["teacher_k"]
+    return [[float((lab_solve(q) or (None,))[0] == k) for k in ks] + [float(lab_solve(q) is None)] for q in questions]
 
 
 if __name__ == "__main__":
