@@ -15,11 +15,14 @@ field of soar.Config or PipelineConfig; COMMAND --help lists the options it read
     questions  --model TEACHER --output FILE: questions sampled from a trained teacher
     select_ps  --out SOAR_RUN --data VAL: the promoted student with the best validation accuracy
     report     RUN_DIR... [--out FOLDER] [--embedding_model M]: pass@k beside the paper's tables, the claims, plots
+    findings   runs/lab/worldW... [--out FOLDER]: the lab's three findings over worlds, the SOAR run as the unit
     bench      the trainer against a plain HF loop, offload, checkpoint, sampling, sync; the paper run projected
 """
+import collections
 import concurrent.futures
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -51,11 +54,13 @@ def script(path):
     return module
 
 
-# The arms of the paper's evaluation protocol (4.3, C.2-C.3, Tables 4-6); "Oracle" is the lab's upper
-# bound (its world's stepping stones). On the transfer set an arm is named with its source dataset.
+# The arms of the paper's evaluation protocol (4.3, C.2-C.3, C.5, Tables 4-6); "Oracle" is the lab's upper
+# bound (its world's stepping stones), "SOAR-PQ (frozen teacher)" a control of ours (a SOAR run with
+# --teacher_lr 0: selection and promotion without a teacher that learns), run only where --methods names it.
+# On the transfer set an arm is named with its source dataset.
 METHODS = ["Base", "Hard-Only", "Hard-Only-4x", "SOAR-PQ", "SOAR-PS", "Grounded-T", "Grounded-T (no promotion)",
            "Intrinsic-T", "Base-T", "Inference with Grounded-T", "MATH train (128)", "HARP train (128)", "Upper bound",
-           "Oracle"]
+           "Oracle", "SOAR-PQ (right answers)", "SOAR-PQ (frozen teacher)"]
 
 
 @dataclass
@@ -72,7 +77,7 @@ class PipelineConfig(soar.Config):
     teacher_step: list = field(default_factory=lambda: ["harp=170"])  # [paper 4.3] the teacher a dataset's
                                     #        Grounded-T samples from, when not the last (DATASET=STEP)
     # --- the protocol's arms and seeds [paper B.8] ---
-    methods: list = field(default_factory=lambda: list(METHODS))  # the arms the pipeline trains and evaluates
+    methods: list = field(default_factory=lambda: METHODS[:-1])  # the arms the pipeline trains and evaluates
     soar_seeds: int = 4             # [paper B.8] SOAR runs (teachers) per dataset
     ablation_seeds: int = 3         # [paper B.8] Grounded-T without promotion, Intrinsic-T (and Base-T's draws [ours])
     students_per_teacher: int = 3   # [paper B.8] fresh students per teacher or PQ set (2-3 in the paper)
@@ -90,6 +95,8 @@ class PipelineConfig(soar.Config):
     slope_threshold: float = 0.15   # [paper B.6] stop where the slope falls below this share of the steepest
     transfer_step: int = 50         # [paper Table 6] the transfer set's students are read at this step
     cpu_jobs: int = 1               # [ours] without GPUs: jobs run at a time (1 thread each)
+    soar_workers: int = 1           # [ours] without GPUs: torchrun workers per SOAR run (1 thread each)
+    world: int = 0                  # [ours] the lab's world (data/lab/prepare.py); -1: the first of 0, 1, 2, ... built
     # --- the report ---
     embedding_model: str = "Qwen/Qwen3-Embedding-0.6B"  # [ours] the Vendi Score's embeddings (the paper's:
                                     #        Qwen3-8B, Table 1; a smaller model, labelled in the report)
@@ -99,10 +106,12 @@ class PipelineConfig(soar.Config):
 
 
 PRESETS = {name: {**values, **more} for name, values in soar.PRESETS.items() for more in [{
-    "lab": dict(data_dir="runs/lab/data", datasets=["lab"], transfer="", filter_k=128, soar_seeds=3, ablation_seeds=3,
-                students_per_teacher=1, seeds=3, inference_seeds=1, four_x_datasets=["lab"], curriculum_datasets=[],
-                teacher_step=[], readout_every=5, readout_window=10, smooth_window=5, cpu_jobs=2,
-                methods=["Base", "Hard-Only", "Hard-Only-4x", "SOAR-PQ", "SOAR-PS", "Intrinsic-T", "Oracle"]),
+    "lab": dict(data_dir="runs/lab/data", datasets=["lab"], transfer="", soar_seeds=2, ablation_seeds=1, seeds=3,
+                students_per_teacher=2, inference_seeds=1, protocol_group_size=16, four_x_datasets=["lab"],
+                curriculum_datasets=[], teacher_step=[], readout_every=5, readout_window=10, smooth_window=5, cpu_jobs=2,
+                soar_workers=2, world=-1, embedding_model="lab",
+                methods=["Base", "Hard-Only", "Hard-Only-4x", "SOAR-PQ", "SOAR-PS", "Grounded-T", "Intrinsic-T", "Base-T",
+                         "Oracle", "SOAR-PQ (right answers)", "SOAR-PQ (frozen teacher)"]),
     "test": dict(datasets=["math"], filter_k=2, soar_seeds=1, ablation_seeds=1, students_per_teacher=1, seeds=1,
                  inference_seeds=1, protocol_group_size=2, sampled_questions=4, curriculum_warmup=1, readout_every=1,
                  readout_window=2, smooth_window=3, transfer_step=1, teacher_step=[], embedding_model=""),
@@ -259,6 +268,13 @@ def run_script(argv, launcher=(), env=None):
         raise SystemExit(returncode)
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def visible_gpu(i):
     """How CUDA_VISIBLE_DEVICES names the i-th GPU this process was given (i when it is unset)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
@@ -346,7 +362,7 @@ def pipeline(cfg, preset):
     names = targets + ["math"] * ("math" not in targets and "lab" not in targets and wanted("Upper bound", "MATH train (128)"))
     prepared = {name: [str(p) for p in script("data/prepare.py").prepare(name, sources.get(name), data)]
                 for name in names if name != "lab"}
-    pools = {name: [str(lab.lab_world(data)["hard"])] if name == "lab" else
+    pools = {name: [str(lab.lab_world(data, cfg.model, cfg.world)["hard"])] if name == "lab" else
              [p for p in prepared[name] if not p.endswith("math_train.jsonl")] for name in targets}
     check_fits(cfg, load_tokenizer(cfg.model), sorted({f for files in [*pools.values(), *prepared.values()] for f in files}),
                ["max_new_tokens", "eval_max_new_tokens"], teacher=True)  # every prompt, before any GPU time
@@ -365,13 +381,14 @@ def pipeline(cfg, preset):
             for kind, ds, seeds, arms in (("soar", cfg.datasets, cfg.soar_seeds, ("SOAR-PQ", "SOAR-PS", "Grounded-T",
                                                                                    "Inference with Grounded-T")),
                                           ("nopromo", cfg.datasets, cfg.ablation_seeds, ("Grounded-T (no promotion)",)),
+                                          ("frozen", cfg.datasets, cfg.ablation_seeds, ("SOAR-PQ (frozen teacher)",)),
                                           ("intrinsic", [None], cfg.ablation_seeds, ("Intrinsic-T",)))
             if wanted(*arms) for d in ds for s in range(seeds)}
     teacher_of = lambda kind, d, s: runs[kind, d, s] / (f"teacher_step_{int(teacher_step[d]):04d}"
                                                        if kind != "intrinsic" and d in teacher_step else "teacher")
     soar_jobs = [["soar", *base("soar"), "--data", fil(d or cfg.datasets[0], "train"), "--out", str(out),
                   "--seed", str(cfg.seed + s), "--teacher_reward", "learnability" if kind == "intrinsic" else "grounded",
-                  *(["--tau", "inf"] if kind == "nopromo" else []),
+                  *(["--tau", "inf"] if kind == "nopromo" else []), *(["--teacher_lr", "0"] if kind == "frozen" else []),
                   *(["--teacher_snapshots", teacher_step[d]] if d in teacher_step else [])]
                  for (kind, d, s), out in runs.items() if committed_step(out, "teacher") < cfg.outer_steps]
 
@@ -435,15 +452,19 @@ def pipeline(cfg, preset):
                          "--seed", str(cfg.seed + s), "--output", str(questions)]) for s, questions in base_t.items()]
     alone = lambda: [[*base_t_questions, *(p["job"] for p in plan_alone if p["method"] == "Base-T")]] + \
         [[p["job"]] for p in plan_alone if p["method"] != "Base-T"] + evals_alone
-    if n_gpu:  # each SOAR run a process of its own over all GPUs, so its vLLM engines and memory end with it
+    workers = n_gpu or cfg.soar_workers
+    if n_gpu or workers > 1:  # each SOAR run a process of its own over all workers, so its memory ends with it
         for argv in soar_jobs:
-            run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={n_gpu}"] if n_gpu > 1 else [])
+            soar.append_jsonl(root / "jobs.jsonl", {"argv": argv, "time": time.time()})
+            run_script(argv, ["-m", "torch.distributed.run", f"--nproc_per_node={workers}", "--master_port",
+                              str(free_port())] if workers > 1 else [], None if n_gpu else {**os.environ, "OMP_NUM_THREADS": "1"})
+        run(alone())
     else:
         run([[(False, argv)] for argv in soar_jobs] + alone())
     # 4. from each trained teacher: its 128 questions; from each SOAR run: PS, chosen on D_train
     run([[((out / "questions.jsonl").exists(), ["questions", *base("questions"), "--model", str(teacher_of(*key)),
                                                 "--seed", str(cfg.seed + key[2]), "--output", str(out / "questions.jsonl")])]
-         for key, out in runs.items() if key[0] != "soar" or wanted("Grounded-T")] +
+         for key, out in runs.items() if key[0] in ("nopromo", "intrinsic") or key[0] == "soar" and wanted("Grounded-T")] +
         [[((out / "promoted_student.json").exists(), ["select_ps", *base("select_ps"), "--out", str(out), "--data",
                                                       fil(key[1], "train"), "--curve_data", fil(key[1], "test")])]
          for key, out in runs.items() if key[0] == "soar" and wanted("SOAR-PS")])
@@ -461,6 +482,12 @@ def pipeline(cfg, preset):
                 pq, ps = out / "promotion_questions.jsonl", json.loads((out / "promoted_student.json").read_text())["best"] \
                     if wanted("SOAR-PS") else None
                 none = not read_jsonl(pq, ())
+                if wanted("SOAR-PQ (right answers)") and lab:  # [paper C.5] the PQ questions a checker finds right
+                    right = out / "promotion_questions_right.jsonl"
+                    if not right.exists():
+                        write_jsonl_atomic(right, [r for r in read_jsonl(pq, ()) if lab.right_answer(r["problem"], r["answer"], cfg.world)])
+                    plan += [training("SOAR-PQ (right answers)", t, label, seed, [str(right)], teacher=out.name)
+                             for label, seed in students]
                 plan += [training("SOAR-PQ" + source, t, label, seed, [str(pq)], teacher=out.name, note=f"degenerate: no "
                                   f"promotion in {out.name}, {HARD_ONLY}" if none else "") for label, seed in students
                          ] if wanted("SOAR-PQ") else []
@@ -472,6 +499,9 @@ def pipeline(cfg, preset):
                 evals += [[evaluation("Inference with Grounded-T" + source, t, f"t{s}s{j}", cfg.inference_seeds * s + j,
                                       teacher_of(kind, d, s), teacher=out.name)] for j in range(cfg.inference_seeds)
                           ] if wanted("Inference with Grounded-T") else []
+            elif kind == "frozen":  # the control that keeps the teacher as it started: selection and promotion only
+                plan += [training("SOAR-PQ (frozen teacher)" + source, t, label, seed, [str(out / "promotion_questions.jsonl")],
+                                  teacher=out.name) for label, seed in students]
             else:
                 method = {"nopromo": "Grounded-T (no promotion)", "intrinsic": "Intrinsic-T"}[kind] + source
                 plan += [training(method, t, label, seed, [str(out / "questions.jsonl")], teacher=out.name)
@@ -691,11 +721,12 @@ def render_report(run_dirs, out_dir, embedding_model=""):
 
 
 def teachers_section(run_dirs, out_dir, plt, embedding_model):
-    """The teachers' runs (promotions, parse rate, reward; the lab's: tiers and right answers) and the
+    """The teachers' runs (promotions, parse rate, reward; the lab's: question kinds and right answers) and the
     Vendi Score of each question set [paper Table 1] and of each run's first and last quarter of
     rollouts [paper E]."""
-    lab = script("data/lab/prepare.py")
-    md = ["", "## Teacher runs", ""]
+    lab, md = script("data/lab/prepare.py"), ["", "## Teacher runs", ""]
+    world = next((json.loads(f.read_text())["world"] for d in run_dirs for f in Path(d).glob("**/lab_world.json")), None)
+    right_share = lambda rows: None if world is None else lab.right_answer_share(rows, world)  # the lab's checker
     try:
         embed = embedder(embedding_model) if embedding_model else None
     except Exception as e:  # the report says so and goes on: diversity is a column, not the run
@@ -717,7 +748,7 @@ def teachers_section(run_dirs, out_dir, plt, embedding_model):
         parts = [[q["question"] for f in part for q in read_jsonl(f, ()) if q["parsed"]]
                  for part in (files[:quarter], files[-quarter:])]
         reward = [statistics.fmean(r["teacher_reward"] for r in part) for part in (rows[:quarter], rows[-quarter:])]
-        right = lab.right_answer_share([q for f in files for q in read_jsonl(f, ()) if q["parsed"]])
+        right = right_share([q for f in files for q in read_jsonl(f, ()) if q["parsed"]])
         md.append(f"| {name} | {len(rows)} | {len(promoted)} ({', '.join(map(str, promoted)) or '-'}) | "
                   f"{statistics.fmean(r['parse_rate'] for r in rows):.2f} | {reward[0]:+.3f} → {reward[1]:+.3f} | "
                   f"{vs(parts[0])} → {vs(parts[1])} | {'-' if right is None else f'{100 * right:.0f}%'} |")
@@ -734,7 +765,7 @@ def teachers_section(run_dirs, out_dir, plt, embedding_model):
                         label="promotion", zorder=3)
             top.legend(fontsize=7)
             bottom.plot(steps, [r["parse_rate"] for r in rows], color="black", label="parse rate")
-            for band, share in lab.tier_shares(files).items():  # the lab's world: what the teacher writes
+            for band, share in (lab.tier_shares(files, world) if world is not None else {}).items():  # the lab's kinds
                 bottom.plot(steps[:len(share)], share, label=band, alpha=0.8)
             bottom.set(xlabel="outer step", ylabel="share of rollouts")
             bottom.legend(fontsize=6, ncol=2)
@@ -746,9 +777,122 @@ def teachers_section(run_dirs, out_dir, plt, embedding_model):
     if sets:
         md += ["", "| question set | Vendi Score | answers checkable right |", "|---|---|---|"]
         for label, rows in sets.items():
-            right = lab.right_answer_share(rows)
+            right = right_share(rows)
             md.append(f"| {label} | {vs([r['question'] for r in rows])} | {'-' if right is None else f'{100 * right:.0f}%'} |")
     return md
+
+
+# ----- the lab's findings across worlds: the paper's three, with the SOAR run as the unit -----
+
+def sign_flip_p(diffs):
+    """One-sided p-value that the mean of `diffs` is above 0: the share of the 2^n sign flips (exact;
+    a sample of 2^16 beyond n = 16) whose mean reaches the observed one."""
+    n, observed = len(diffs), statistics.fmean(diffs)
+    flips = itertools.product((1, -1), repeat=n) if n <= 16 else (
+        [random.Random(i).choice((1, -1)) for _ in range(n)] for i in range(1 << 16))
+    means = [sum(s * d for s, d in zip(signs, diffs)) / n for signs in flips]
+    return sum(m >= observed - 1e-12 for m in means) / len(means)
+
+
+def lab_findings(roots):
+    """The lab's comparison over worlds (pipeline roots runs/lab/worldW), per SOAR run: its students'
+    pass@1 against its world's baselines, its teacher's stepping-stone share, its promotions; each
+    claim with its run-level numbers, a sign-flip test over runs and the share of worlds it holds
+    in. Returns (markdown lines, the numbers)."""
+    lab, runs, worlds = script("data/lab/prepare.py"), [], {}
+    mean = lambda v: statistics.fmean(v) if v else float("nan")
+    for root in map(Path, roots):
+        evals = [json.loads(f.read_text()) for f in sorted((root / "eval").glob("*.json"))]
+        by = lambda method, teacher=None: [e["pass_at_k"]["1"] for e in evals if e["method"] == method
+                                           and (teacher is None or e.get("teacher") == teacher)]
+        index = json.loads((root / "data" / "lab_world.json").read_text())["world"]
+
+        def shares(run):  # the first and last tenth of its outer steps: stones with right answers, and the
+            # entropy of its questions' kinds (verb, number of novel letters, which ones): families and difficulties
+            files = sorted((root / run / "questions").glob("step_*.jsonl"))
+            tenth = max(1, len(files) // 10)
+            share = lab.tier_shares(files, index)["stone, answer right"]
+            kinds = [[(lab.lab_solve(q["question"], index) or (None,))[:3] if q["parsed"] else None for f in part
+                      for q in read_jsonl(f, ())] for part in (files[:tenth], files[-tenth:])]
+            entropy = [-sum(c / len(k) * math.log2(c / len(k)) for c in collections.Counter(k).values()) for k in kinds]
+            return mean(share[:tenth]), mean(share[-tenth:]), entropy
+        world = {"world": root.name, "hard_only": by("Hard-Only"), "hard_only_4x": by("Hard-Only-4x"),
+                 "base_t": by("Base-T"), "oracle": by("Oracle"), "intrinsic": by("Intrinsic-T"), "lab_world": index}
+        for run in sorted(p.name for p in root.glob("*_seed*") if (p / "metrics.jsonl").exists()):
+            rows = read_jsonl(root / run / "metrics.jsonl", ())
+            first, last, entropy = shares(run)
+            entry = {"world": root.name, "run": run, "kind": run.split("_")[0], "steps": len(rows),
+                     "promotions": [r["step"] for r in rows if r["promoted"]], "stone_first": first, "stone_last": last,
+                     "entropy_first": entropy[0], "entropy_last": entropy[1]}
+            if entry["kind"] == "soar":
+                entry |= {"pq": mean(by("SOAR-PQ", run)), "ps": mean(by("SOAR-PS", run)), "grounded_t": mean(
+                    by("Grounded-T", run)), "pq_right": mean(by("SOAR-PQ (right answers)", run))}
+                # what `./run.sh` shows with this run's seed s: promotions, and its first PQ student against
+                # Hard-Only's training seed s
+                s = run.rsplit("seed", 1)[1]
+                first = [e["pass_at_k"]["1"] for e in evals if e["method"] == "SOAR-PQ" and e.get("teacher") == run
+                         and e["seed"] == f"t{s}s0"]
+                hard = [e["pass_at_k"]["1"] for e in evals if e["method"] == "Hard-Only" and e["seed"] == f"seed{s}"]
+                entry["one_seed"] = bool(entry["promotions"] and first and hard and first[0] > hard[0])
+            elif entry["kind"] == "frozen":
+                entry["pq"] = mean(by("SOAR-PQ (frozen teacher)", run))
+            runs.append(entry)
+        intrinsic = [r for r in runs if r["world"] == root.name and r["kind"] == "intrinsic"]
+        world["intrinsic_entropy"] = [(r["entropy_first"], r["entropy_last"]) for r in intrinsic]
+        world["intrinsic_entropy_change"] = [r["entropy_last"] - r["entropy_first"] for r in intrinsic]
+        worlds[root.name] = world
+    soar_runs = [r for r in runs if r["kind"] == "soar"]
+    w = lambda r, key: mean(worlds[r["world"]][key])
+    claims = [  # (claim, its per-run difference: a share, printed in points, or as said)
+        ("(i) SOAR-PQ > Hard-Only (primary)", lambda r: r["pq"] - w(r, "hard_only")),
+        ("(i) SOAR-PQ > Hard-Only-4x", lambda r: r["pq"] - w(r, "hard_only_4x")),
+        ("(i) SOAR-PS > Hard-Only", lambda r: r["ps"] - w(r, "hard_only")),
+        ("(i) SOAR-PS > Hard-Only-4x", lambda r: r["ps"] - w(r, "hard_only_4x")),
+        ("(ii) Grounded-T > Base-T", lambda r: r["grounded_t"] - w(r, "base_t")),
+        ("(ii) Grounded-T > Intrinsic-T", lambda r: r["grounded_t"] - w(r, "intrinsic")),
+        ("(ii) diversity: SOAR's change in entropy over kinds, first to last tenth, minus Intrinsic-T's (bits)",
+         lambda r: (r["entropy_last"] - r["entropy_first"] - w(r, "intrinsic_entropy_change")) / 100),
+        ("(iii) SOAR-PQ keeps 80% of the right-answer subset's gain", lambda r: (r["pq"] - w(r, "hard_only")) -
+         0.8 * (r["pq_right"] - w(r, "hard_only"))),
+        ("the teacher learns: stones (right answers) +15 points, first to last tenth", lambda r: r["stone_last"] -
+         r["stone_first"] - 0.15),
+    ]
+    md = ["## The lab's findings: the SOAR run is the unit", "",
+          f"{len(soar_runs)} SOAR runs in {len(worlds)} worlds. A claim's per-run difference (pass@1 on D_test, in points), its mean "
+          "± std over runs, the runs it holds in, a one-sided sign-flip test over the runs, and the worlds where the "
+          "mean of the world's runs holds. The primary test, named before the runs: (i) SOAR-PQ − Hard-Only.", "",
+          "| claim | mean ± std over runs | runs | p (sign flip) | worlds |", "|---|---|---|---|---|"]
+    numbers = {"worlds": worlds, "runs": runs, "claims": {}}
+    for claim, diff in claims:
+        d = [diff(r) for r in soar_runs]
+        d = [x for x in d if not math.isnan(x)]
+        if not d:
+            continue
+        held = {name: mean([diff(r) for r in soar_runs if r["world"] == name]) > 0 for name in worlds}
+        numbers["claims"][claim] = {"diffs": d, "p": sign_flip_p(d), "worlds_held": sum(held.values())}
+        md.append(f"| {claim} | {100 * mean(d):+.1f} ± {100 * (statistics.stdev(d) if len(d) > 1 else 0):.1f} | "
+                  f"{sum(x > 0 for x in d)} of {len(d)} | {sign_flip_p(d):.3f} | {sum(held.values())} of {len(held)} |")
+    frozen = [r for r in runs if r["kind"] == "frozen"]
+    plateau = [x for world in worlds.values() for x in world["hard_only"] + world["hard_only_4x"]]
+    md += ["", f"Hard-Only and Hard-Only-4x below 10% pass@1: {sum(x < 0.1 for x in plateau)} of {len(plateau)} "
+           "trainings." if plateau else "",
+           f"A one-seed run (`./run.sh`'s view: the SOAR run promotes, and its first SOAR-PQ student beats Hard-Only "
+           f"of the same seed): {sum(r['one_seed'] for r in soar_runs)} of {len(soar_runs)} SOAR runs.",
+           "The frozen teacher's stone share, first to last tenth: " + ", ".join(
+               f"{100 * r['stone_first']:.0f} → {100 * r['stone_last']:.0f}%" for r in frozen) + "." if frozen else "",
+           "Promotions after the fifth outer step: " + ", ".join(
+               f"{sum(s >= 5 for s in r['promotions'])} of {len(r['promotions'])}" for r in soar_runs) + ".",
+           "Entropy (bits) of the teacher's questions over kinds (verb, number of novel letters, which letters), first to last tenth: SOAR " + ", ".join(
+               f"{r['entropy_first']:.2f} → {r['entropy_last']:.2f}" for r in soar_runs) + "; Intrinsic-T " + ", ".join(
+               f"{r['entropy_first']:.2f} → {r['entropy_last']:.2f}" for r in runs if r["kind"] == "intrinsic") + ".", "",
+           "| world | run | promotions | PQ | PS | Grounded-T | PQ (right answers) | stones, first → last tenth |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        cell = lambda key: f"{100 * r[key]:.1f}" if key in r and not math.isnan(r[key]) else "-"
+        md.append(f"| {r['world']} | {r['run']} | {len(r['promotions'])} | {cell('pq')} | {cell('ps')} | "
+                  f"{cell('grounded_t')} | {cell('pq_right')} | {100 * r['stone_first']:.0f} → {100 * r['stone_last']:.0f}% |")
+    return md, numbers
+
 
 
 # ----- bench: what a run costs on this machine, and the paper run projected -----
@@ -931,6 +1075,13 @@ def main(argv):
     if command in ("-h", "--help") or (command == "report" and {"-h", "--help"} & set(rest)):
         print(__doc__)
         return
+    if command == "findings":  # python pipeline.py findings runs/lab/world0 runs/lab/world1 ... [--out FOLDER]
+        out = Path(rest[rest.index("--out") + 1] if "--out" in rest else "runs/lab/findings")
+        md, numbers = lab_findings([a for i, a in enumerate(rest) if a != "--out" and (i == 0 or rest[i - 1] != "--out")])
+        write_atomic(out / "findings.md", "\n".join(md) + "\n")
+        write_json_atomic(out / "findings.json", numbers)
+        print("\n".join(md))
+        return
     if command == "report":  # python pipeline.py report RUN_DIR... [--out FOLDER] [--embedding_model M]
         flags = {a: rest[i + 1] for i, a in enumerate(rest[:-1]) if a in ("--out", "--embedding_model")}
         runs = [a for i, a in enumerate(rest) if a not in flags and (i == 0 or rest[i - 1] not in flags)]
@@ -946,10 +1097,11 @@ def main(argv):
     if command == "filter":  # `--k 128`, as in the paper
         rest = [{"--k": "--filter_k"}.get(a, a) for a in rest]
     cfg = make_config(rest, preset)
-    if soar.rerun_in_preset_env(preset, __file__, argv):
-        return
-    if command in ("paper", "lab") and "lab" in cfg.datasets:  # the lab's model is built by its world's script
-        script("data/lab/prepare.py").build_lab_model(cfg.model)
+    if command in ("paper", "lab") and "lab" in cfg.datasets:  # the world and its model, built by its script
+        cfg.world, model = script("data/lab/prepare.py").first_world(cfg.model, cfg.world)
+        cfg.out = cfg.out if cfg.out != PRESETS["lab"]["out"] else f"{cfg.out}/world{cfg.world}"
+        cfg.data_dir = cfg.data_dir if cfg.data_dir != PRESETS["lab"]["data_dir"] else f"{cfg.out}/data"
+        cfg.model = str(model)
     cfg.model = random_llama_3b("runs/random-llama-3b") if cfg.model == "random-llama-3b" else \
         soar.prepared_model(cfg, preset)
     if command in ("paper", "lab"):

