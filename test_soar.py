@@ -1461,10 +1461,11 @@ def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkey
         steps = [read_rows(f) for f in sorted((run / "questions").glob("step_*.jsonl"))]
         share = lambda part, kind: statistics.fmean(lab.question_kind(q["question"], world) == kind for s in part for q in s)
         shares[kind] = {k: (share(steps[:3], k), share(steps[-3:], k)) for k in ("stone", "decoy")}
-    # paid for one kind, the teacher ends writing more of it than when paid for the other (margins: README.md
-    # in data/lab, measured in five worlds)
-    assert shares["stone"]["stone"][1] > shares["decoy"]["stone"][1] + 0.1, shares
-    assert shares["decoy"]["decoy"][1] > shares["stone"]["decoy"][1] + 0.1, shares
+    # paid for one kind, the teacher ends writing more of it than when paid for the other, both ways, by 0.2
+    # together (measured in five worlds: each way +0.06 to +0.73, together +0.44 to +1.35; README.md in data/lab)
+    stone_way = shares["stone"]["stone"][1] - shares["decoy"]["stone"][1]
+    decoy_way = shares["decoy"]["decoy"][1] - shares["stone"]["decoy"][1]
+    assert stone_way > 0 and decoy_way > 0 and stone_way + decoy_way > 0.2, shares
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1767,6 +1768,41 @@ def test_a_hub_revision_without_the_configs_parquet_files_is_named(tmp_path, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(soar.UserError, match=r"no parquet file matching \*OE_TO_maths_en_COMP\*\.parquet"):
         prep.prepare("olympiadbench", f"hf://Hothan/OlympiadBench@{commit}", tmp_path / "data")
+
+
+def test_the_lab_findings_take_the_soar_run_as_the_unit(tmp_path):
+    """`pipeline.py findings`: one difference per SOAR run (its students' mean pass@1 against its world's
+    mean Hard-Only), a sign-flip test over those runs, the worlds where the world's runs hold, and
+    the teacher's stepping-stone share (right answers) from the first to the last tenth of its steps."""
+    assert pipeline.sign_flip_p([1.0, 2.0, 3.0]) == 1 / 8  # only the observed signs reach the mean
+    assert pipeline.sign_flip_p([1.0, -2.0]) == 3 / 4  # means -0.5 (observed), -1.5, 1.5, 0.5
+    world_index, (right, _) = 5, lab.cipher(5)
+    stone, easy = ("Code ga.", "".join(right[c] for c in "ga")), ("Code ab.", "".join(right[c] for c in "ab"))
+    roots = []
+    for name, pq, hard in (("world5", (0.3, 0.5), (0.0, 0.1)), ("world6", (0.2, 0.0), (0.05, 0.05))):
+        root = tmp_path / name
+        soar.write_json_atomic(root / "data" / "lab_world.json", {"world": world_index})
+        evals = [("Hard-Only", "", f"seed{j}", h) for j, h in enumerate(hard)] + \
+                [("SOAR-PQ", f"soar_lab_seed{s}", f"t{s}s0", p) for s, p in enumerate(pq)]
+        for i, (method, teacher, seed, p) in enumerate(evals):
+            soar.write_json_atomic(root / "eval" / f"{i}.json", {"method": method, "teacher": teacher, "seed": seed,
+                                                                  "pass_at_k": {"1": p}})
+        for s in range(2):
+            run = root / f"soar_lab_seed{s}"
+            soar.write_jsonl_atomic(run / "metrics.jsonl", [{"step": t, "promoted": t == 7} for t in range(10)])
+            for t in range(10):  # a stone with its right answer in 1 of 4 questions at first, 3 of 4 at the end
+                rows = [stone] * (1 if t == 0 else 3 if t == 9 else 2) + [easy] * (3 if t == 0 else 1 if t == 9 else 2)
+                soar.write_jsonl_atomic(run / "questions" / f"step_{t:04d}.jsonl",
+                                        [{"question": q, "answer": a, "parsed": True} for q, a in rows])
+        roots.append(root)
+    md, numbers = pipeline.lab_findings(roots)
+    primary = numbers["claims"]["(i) SOAR-PQ > Hard-Only (primary)"]
+    assert primary["diffs"] == pytest.approx([0.25, 0.45, 0.15, -0.05])  # each run against its world's mean
+    assert primary["p"] == pipeline.sign_flip_p(primary["diffs"]) and primary["worlds_held"] == 2
+    learns = numbers["claims"]["the teacher learns: stones (right answers) +15 points, first to last tenth"]
+    assert learns["diffs"] == pytest.approx([0.5 - 0.15] * 4)  # 25% -> 75% of its questions
+    assert "| (i) SOAR-PQ > Hard-Only (primary) | +20.0 ± 20.8 | 3 of 4 |" in "\n".join(md)
+    assert all(r["promotions"] == [7] for r in numbers["runs"])
 
 
 def test_the_vendi_score_counts_distinct_items():
