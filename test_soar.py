@@ -1462,7 +1462,7 @@ def test_the_teacher_learns_what_its_reward_asks_for(lab_model, tmp_path, monkey
         share = lambda part, kind: statistics.fmean(lab.question_kind(q["question"], world) == kind for s in part for q in s)
         shares[kind] = {k: (share(steps[:3], k), share(steps[-3:], k)) for k in ("stone", "decoy")}
     # paid for one kind, the teacher ends writing more of it than when paid for the other, both ways, by 0.2
-    # together (measured in five worlds: each way +0.06 to +0.73, together +0.44 to +1.35; README.md in data/lab)
+    # together (in worlds 0-4, one thread: each way +0.06 to +0.44, together +0.44 to +0.80; data/lab/README.md)
     stone_way = shares["stone"]["stone"][1] - shares["decoy"]["stone"][1]
     decoy_way = shares["decoy"]["decoy"][1] - shares["stone"]["decoy"][1]
     assert stone_way > 0 and decoy_way > 0 and stone_way + decoy_way > 0.2, shares
