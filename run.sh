@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The two commands (see README):
-#   ./run.sh         set up on first use, then: without a GPU, one seed of the lab (SOAR against
-#                    Hard-Only and the oracle curriculum: 4-10 min by the machine, + ~2 min once to
-#                    build the lab model); with GPUs, the paper pipeline
+#   ./run.sh         set up on first use, then: without a GPU, one SOAR run in the lab against
+#                    Hard-Only and the oracle curriculum (about 4 min on 2 cores, the lab model's
+#                    build included); with GPUs, the paper pipeline
 #   ./run.sh test    set up what the tests need, then run test_soar.py
-# Also: ./run.sh lab (all methods, 3 seeds, 16-35 minutes) | demo (SmolLM2 through vLLM) | paper | setup
+# Also: ./run.sh lab [--world W] (every method in one world: 14-18 min) | demo (SmolLM2 through vLLM) | paper | setup
 # The stages are pipeline.py's (python pipeline.py --help); the method is soar.py.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,11 +42,11 @@ case "$mode" in
     setup pytest hypothesis matplotlib pyarrow math-verify==0.9.0  # math-verify: the grader test's oracle
     shift || true
     exec "$VENV/bin/python" -m pytest -q test_soar.py "$@" ;;
-  quick)  # one seed of the lab: SOAR against Hard-Only and the oracle curriculum, with the plots
+  quick)  # one SOAR run in the lab against Hard-Only and the oracle curriculum, with the plots
     setup matplotlib
     exec "$VENV/bin/python" pipeline.py lab --out runs/lab-quick --seeds 1 --soar_seeds 1 \
       --methods Base Hard-Only SOAR-PS SOAR-PQ Oracle ;;
-  lab)  # the lab's whole comparison: every method, 3 seeds (flags: --seed S --seeds N --out DIR ...)
+  lab)  # the lab's whole comparison in one world: every method (flags: --world W --seeds N --out DIR ...)
     setup matplotlib
     shift || true
     exec "$VENV/bin/python" pipeline.py lab "$@" ;;
