@@ -166,9 +166,8 @@ PRESETS = {
                  outer_steps=4, dataset_size=8, n_datasets=2, teacher_batch=1, repeats=1, qr_size=8, inner_steps=2,
                  promoted_inner_steps=3, batch_size=2, group_size=4, max_new_tokens=160, teacher_max_new_tokens=128,
                  eval_max_new_tokens=160, max_model_len=768, window=2, rejection_sampling=False),
-    # The lab (data/lab): the paper's comparison on a laptop CPU (`python pipeline.py lab`), the paper's
-    # mechanics, |Q_R| = 64 and fail@128; sizes [ours], 40 outer steps among them (data/lab/README.md:
-    # the lrs chosen on D_train's rewards in world 0, the sizes on the time a run takes).
+    # The lab (data/lab; `python pipeline.py lab`): the paper's mechanics, |Q_R| = 64 and fail@128; sizes
+    # [ours], 40 outer steps among them (data/lab/README.md: the lrs were chosen in world 0).
     "lab": dict(model="models/lab", data=[], out="runs/lab", sampler="hf", dataset_size=16, teacher_batch=1, repeats=1,
                 outer_steps=40, group_size=4, lr=5e-4, teacher_lr=2e-4, kl_beta=0.0, teacher_kl_beta=0.0, max_new_tokens=10,
                 teacher_max_new_tokens=32, eval_max_new_tokens=10, max_model_len=128, teacher_topics="Code, Roll",
