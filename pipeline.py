@@ -803,8 +803,9 @@ def lab_findings(roots):
     mean = lambda v: statistics.fmean(v) if v else float("nan")
     for root in map(Path, roots):
         evals = [json.loads(f.read_text()) for f in sorted((root / "eval").glob("*.json"))]
-        by = lambda method, teacher=None: [e["pass_at_k"]["1"] for e in evals if e["method"] == method
-                                           and (teacher is None or e.get("teacher") == teacher)]
+        by = lambda method, teacher=None, seed=None: [
+            e["pass_at_k"]["1"] for e in evals if e["method"] == method and teacher in (None, e.get("teacher"))
+            and seed in (None, e["seed"])]
         index = json.loads((root / "data" / "lab_world.json").read_text())["world"]
 
         def shares(run):  # the first and last tenth of its outer steps: stones with right answers, and the
@@ -830,32 +831,29 @@ def lab_findings(roots):
                 # what `./run.sh` shows with this run's seed s: promotions, and its first PQ student against
                 # Hard-Only's training seed s
                 s = run.rsplit("seed", 1)[1]
-                first = [e["pass_at_k"]["1"] for e in evals if e["method"] == "SOAR-PQ" and e.get("teacher") == run
-                         and e["seed"] == f"t{s}s0"]
-                hard = [e["pass_at_k"]["1"] for e in evals if e["method"] == "Hard-Only" and e["seed"] == f"seed{s}"]
+                first, hard = by("SOAR-PQ", run, f"t{s}s0"), by("Hard-Only", seed=f"seed{s}")
                 entry["one_seed"] = bool(entry["promotions"] and first and hard and first[0] > hard[0])
             elif entry["kind"] == "frozen":
                 entry["pq"] = mean(by("SOAR-PQ (frozen teacher)", run))
             runs.append(entry)
         intrinsic = [r for r in runs if r["world"] == root.name and r["kind"] == "intrinsic"]
-        world["intrinsic_entropy"] = [(r["entropy_first"], r["entropy_last"]) for r in intrinsic]
         world["intrinsic_entropy_change"] = [r["entropy_last"] - r["entropy_first"] for r in intrinsic]
         worlds[root.name] = world
     soar_runs = [r for r in runs if r["kind"] == "soar"]
     w = lambda r, key: mean(worlds[r["world"]][key])
-    claims = [  # (claim, its per-run difference: a share, printed in points, or as said)
-        ("(i) SOAR-PQ > Hard-Only (primary)", lambda r: r["pq"] - w(r, "hard_only")),
-        ("(i) SOAR-PQ > Hard-Only-4x", lambda r: r["pq"] - w(r, "hard_only_4x")),
-        ("(i) SOAR-PS > Hard-Only", lambda r: r["ps"] - w(r, "hard_only")),
-        ("(i) SOAR-PS > Hard-Only-4x", lambda r: r["ps"] - w(r, "hard_only_4x")),
-        ("(ii) Grounded-T > Base-T", lambda r: r["grounded_t"] - w(r, "base_t")),
-        ("(ii) Grounded-T > Intrinsic-T", lambda r: r["grounded_t"] - w(r, "intrinsic")),
+    claims = [  # (claim, its per-run difference, its printed scale: shares in points, bits as they are)
+        ("(i) SOAR-PQ > Hard-Only (primary)", lambda r: r["pq"] - w(r, "hard_only"), 100),
+        ("(i) SOAR-PQ > Hard-Only-4x", lambda r: r["pq"] - w(r, "hard_only_4x"), 100),
+        ("(i) SOAR-PS > Hard-Only", lambda r: r["ps"] - w(r, "hard_only"), 100),
+        ("(i) SOAR-PS > Hard-Only-4x", lambda r: r["ps"] - w(r, "hard_only_4x"), 100),
+        ("(ii) Grounded-T > Base-T", lambda r: r["grounded_t"] - w(r, "base_t"), 100),
+        ("(ii) Grounded-T > Intrinsic-T", lambda r: r["grounded_t"] - w(r, "intrinsic"), 100),
         ("(ii) diversity: SOAR's change in entropy over kinds, first to last tenth, minus Intrinsic-T's (bits)",
-         lambda r: (r["entropy_last"] - r["entropy_first"] - w(r, "intrinsic_entropy_change")) / 100),
+         lambda r: r["entropy_last"] - r["entropy_first"] - w(r, "intrinsic_entropy_change"), 1),
         ("(iii) SOAR-PQ keeps 80% of the right-answer subset's gain", lambda r: (r["pq"] - w(r, "hard_only")) -
-         0.8 * (r["pq_right"] - w(r, "hard_only"))),
+         0.8 * (r["pq_right"] - w(r, "hard_only")), 100),
         ("the teacher learns: stones (right answers) +15 points, first to last tenth", lambda r: r["stone_last"] -
-         r["stone_first"] - 0.15),
+         r["stone_first"] - 0.15, 100),
     ]
     md = ["## The lab's findings: the SOAR run is the unit", "",
           f"{len(soar_runs)} SOAR runs in {len(worlds)} worlds. A claim's per-run difference (pass@1 on D_test, in points), its mean "
@@ -863,15 +861,14 @@ def lab_findings(roots):
           "mean of the world's runs holds. The primary test, named before the runs: (i) SOAR-PQ − Hard-Only.", "",
           "| claim | mean ± std over runs | runs | p (sign flip) | worlds |", "|---|---|---|---|---|"]
     numbers = {"worlds": worlds, "runs": runs, "claims": {}}
-    for claim, diff in claims:
-        d = [diff(r) for r in soar_runs]
-        d = [x for x in d if not math.isnan(x)]
+    for claim, diff, scale in claims:
+        d = [x for x in map(diff, soar_runs) if not math.isnan(x)]
         if not d:
             continue
-        held = {name: mean([diff(r) for r in soar_runs if r["world"] == name]) > 0 for name in worlds}
-        numbers["claims"][claim] = {"diffs": d, "p": sign_flip_p(d), "worlds_held": sum(held.values())}
-        md.append(f"| {claim} | {100 * mean(d):+.1f} ± {100 * (statistics.stdev(d) if len(d) > 1 else 0):.1f} | "
-                  f"{sum(x > 0 for x in d)} of {len(d)} | {sign_flip_p(d):.3f} | {sum(held.values())} of {len(held)} |")
+        held = sum(mean([diff(r) for r in soar_runs if r["world"] == name]) > 0 for name in worlds)
+        numbers["claims"][claim] = {"diffs": d, "p": sign_flip_p(d), "worlds_held": held}
+        md.append(f"| {claim} | {scale * mean(d):+.1f} ± {scale * (statistics.stdev(d) if len(d) > 1 else 0):.1f} | "
+                  f"{sum(x > 0 for x in d)} of {len(d)} | {numbers['claims'][claim]['p']:.3f} | {held} of {len(worlds)} |")
     frozen = [r for r in runs if r["kind"] == "frozen"]
     plateau = [x for world in worlds.values() for x in world["hard_only"] + world["hard_only_4x"]]
     md += ["", f"Hard-Only and Hard-Only-4x below 10% pass@1: {sum(x < 0.1 for x in plateau)} of {len(plateau)} "

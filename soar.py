@@ -488,7 +488,7 @@ class HFEngine:
         model, tok = self.policy.model, self.tokenizer
         eos = model.generation_config.eos_token_id
         eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=model.device)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0].item()
+        pad, stops = (tok.pad_token_id if tok.pad_token_id is not None else eos[0].item()), set(eos.tolist())
         was_training, flat, rows = model.training, [], [p for p in prompts for _ in range(n)]
         model.eval()
         for start in range(0, len(rows), 64):  # [ours] 64 sequences at a time (memory)
@@ -513,7 +513,7 @@ class HFEngine:
                 mask = torch.cat([mask, torch.ones_like(pick)], dim=-1)
             tokens, logprobs = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()  # [B, T]
             for prompt, resp, lps in zip(chunk, tokens, logprobs):
-                end = next((i + 1 for i, t in enumerate(resp) if t in eos.tolist()), len(resp))  # to EOS
+                end = next((i + 1 for i, t in enumerate(resp) if t in stops), len(resp))  # to EOS
                 flat.append(Completion(list(prompt), resp[:end], tok.decode(resp[:end], skip_special_tokens=True),
                                        lps[:end], temperature or 1.0))
         model.train(was_training)

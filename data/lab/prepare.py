@@ -24,6 +24,7 @@ right answers) fixes that letter and lifts only its family. And a decoy, "Roll 6
 die's: a question a student matches 1 time in 6 (learnable, for an intrinsic reward) that teaches
 nothing about the hard tier.
 """
+import functools
 import json
 import os
 import random
@@ -42,6 +43,7 @@ LAB = dict(solve_right=0.1, write_right=2 / 3, write_stones=0.1, longest=6, deco
            hard_rate=0.002, stone_rate=0.01, stones_per_letter=40, warmup_steps=1000, hidden=128, layers=3)
 
 
+@functools.lru_cache  # read for every question a report or the findings judge
 def cipher(world):
     """The world's cipher {letter: image} and each novel letter's confusable image (the image of the
     next novel letter in a cycle of the world's own order)."""
